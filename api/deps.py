@@ -1,0 +1,28 @@
+"""Typed access to the objects the app's lifespan builds; tests can override them."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from models.registry import Registry
+from models.settings import Settings
+from models.worker import GenerationWorker
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+def get_worker(request: Request) -> GenerationWorker:
+    return request.app.state.worker
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+WorkerDep = Annotated[GenerationWorker, Depends(get_worker)]

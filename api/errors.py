@@ -1,0 +1,83 @@
+"""The one table from domain errors to HTTP answers, and readable validation errors."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from models.errors import (
+    InvalidRequest,
+    JobCancelled,
+    ModelNotFound,
+    ModelUnavailable,
+    NotReady,
+    QueueFull,
+    RegistryError,
+    SdserveError,
+)
+
+logger = logging.getLogger(__name__)
+
+STATUS_BY_ERROR: dict[type[SdserveError], int] = {
+    InvalidRequest: 422,
+    RegistryError: 422,
+    ModelNotFound: 404,
+    QueueFull: 429,
+    JobCancelled: 409,
+    ModelUnavailable: 503,
+    NotReady: 503,
+}
+
+
+def status_for(error: SdserveError) -> int:
+    for error_type in type(error).__mro__:
+        if error_type in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[error_type]
+    return 500
+
+
+async def _domain_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, SdserveError)
+    status = status_for(error)
+    headers = {"Retry-After": str(error.retry_after_s)} if isinstance(error, QueueFull) else None
+    body: dict[str, object] = {"detail": str(error)}
+    if isinstance(error, ModelNotFound):
+        body["known_models"] = error.known
+    if status >= 500:
+        logger.warning("%s %s -> %d: %s", request.method, request.url.path, status, error)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _describe(error: dict) -> str:
+    location = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path")]
+    where = ".".join(location) or "request"
+    message = error.get("msg", "is invalid")
+    message = message.removeprefix("Value error, ")
+    if error.get("type") == "missing":
+        return f"{where}: is required"
+    if "input" in error and error.get("type") not in ("missing",) and not isinstance(error["input"], dict | list):
+        shown = repr(error["input"])
+        if len(shown) <= 60:
+            return f"{where}: {message} (got {shown})"
+    return f"{where}: {message}"
+
+
+async def _validation_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    problems = [_describe(item) for item in error.errors()]
+    errors = [{k: v for k, v in item.items() if k in ("loc", "msg", "type")} for item in error.errors()]
+    return JSONResponse({"detail": "; ".join(problems), "errors": errors}, status_code=422)
+
+
+async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse({"detail": "internal server error; see the server log"}, status_code=500)
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(SdserveError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)

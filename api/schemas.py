@@ -1,0 +1,187 @@
+"""Request and response models of the native API. Field names follow seed 002 (prompt, cfg_scale, steps,
+number_of_images, seed, width, height, image, mask_image); common aliases from other servers are accepted."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+
+from api.images import Base64Image, OutputFormat
+from models.engine import MAX_SEED, GenerationRequest, GenerationResult
+
+Task = Literal["text2img", "img2img", "inpainting"]
+
+
+class GenerationBody(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
+
+    prompt: str = Field(min_length=1, max_length=20_000, description="What the image should show.")
+    negative_prompt: str | None = Field(None, max_length=20_000, description="What it should not show.")
+    cfg_scale: float = Field(
+        7.0, ge=0, le=50, validation_alias=AliasChoices("cfg_scale", "guidance_scale"),
+        description="Classifier-free guidance: how strongly to follow the prompt.",
+    )
+    steps: int = Field(
+        30, ge=1, validation_alias=AliasChoices("steps", "num_inference_steps"),
+        description="Denoising steps (upper limit: SDSERVE_MAX_STEPS).",
+    )
+    number_of_images: int = Field(
+        1, ge=1, validation_alias=AliasChoices("number_of_images", "num_images"),
+        description="Images to generate; image i uses seed + i.",
+    )
+    seed: int | None = Field(
+        None, ge=-1, le=MAX_SEED, description="Random seed; omitted, null or -1 draws one, returned in `seeds`."
+    )
+    width: int | None = Field(
+        None, ge=64, multiple_of=8, description="Output width; default: the input image's or the model's."
+    )
+    height: int | None = Field(
+        None, ge=64, multiple_of=8, description="Output height; default: the input image's or the model's."
+    )
+    model: str | None = Field(None, description="Registry name of the base model; default SDSERVE_DEFAULT_MODEL.")
+    scheduler: str | None = Field(None, description="Scheduler name (see GET /health); default: the model's.")
+    output_format: OutputFormat = Field("png", description="Encoding of the returned images.")
+
+    @field_validator("seed")
+    @classmethod
+    def _random_seed_sentinel(cls, seed: int | None) -> int | None:
+        return None if seed == -1 else seed
+
+    def to_request(self, task: Task, **images: Any) -> GenerationRequest:
+        return GenerationRequest(
+            task=task,
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            model=self.model,
+            width=self.width,
+            height=self.height,
+            steps=self.steps,
+            guidance_scale=self.cfg_scale,
+            num_images=self.number_of_images,
+            seed=self.seed,
+            strength=getattr(self, "strength", None),
+            scheduler=self.scheduler,
+            **images,
+        )
+
+
+class Text2ImgBody(GenerationBody):
+    def to_domain(self) -> GenerationRequest:
+        return self.to_request("text2img")
+
+
+class Img2ImgBody(GenerationBody):
+    image: Base64Image = Field(description="The starting image, base64 or a data URL.")
+    strength: float | None = Field(
+        None, gt=0, le=1, description="How far to move from the input: near 0 keeps it, 1 ignores it (0.75)."
+    )
+
+    def to_domain(self) -> GenerationRequest:
+        return self.to_request("img2img", image=self.image)
+
+
+class InpaintingBody(Img2ImgBody):
+    mask_image: Base64Image = Field(
+        description="White where the image is repainted, black where it is kept; resized to the image if needed."
+    )
+    strength: float | None = Field(None, gt=0, le=1, description="How much of the masked area changes (1.0).")
+
+    def to_domain(self) -> GenerationRequest:
+        return self.to_request("inpainting", image=self.image, mask_image=self.mask_image)
+
+
+class Parameters(BaseModel):
+    task: Task
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    steps: int
+    cfg_scale: float
+    strength: float | None
+    scheduler: str
+    number_of_images: int
+    seed: int
+    output_format: OutputFormat
+
+
+class GenerationResponse(BaseModel):
+    images: list[str] = Field(description="Base64-encoded images, in `output_format`.")
+    seeds: list[int] = Field(description="The seed of each image: send it with number_of_images 1 to redo one.")
+    model: str
+    parameters: Parameters
+    timings: dict[str, float] = Field(description="Seconds: queued, inference, encoding, total.")
+    job_id: str
+
+    @classmethod
+    def build(
+        cls, body: GenerationBody, task: Task, job_id: str, result: GenerationResult, images: list[str],
+        timings: dict[str, float],
+    ) -> GenerationResponse:
+        parameters = Parameters(
+            task=task,
+            prompt=body.prompt,
+            negative_prompt=body.negative_prompt,
+            width=result.width,
+            height=result.height,
+            steps=result.steps,
+            cfg_scale=result.guidance_scale,
+            strength=result.strength,
+            scheduler=result.scheduler,
+            number_of_images=len(images),
+            seed=result.seeds[0],
+            output_format=body.output_format,
+        )
+        return cls(images=images, seeds=result.seeds, model=result.model, parameters=parameters,
+                   timings=timings, job_id=job_id)
+
+
+class ModelInfo(BaseModel):
+    name: str
+    kind: str
+    source: str
+    base: str | None = None
+    scale: float = 1.0
+    trigger_words: list[str] = []
+    description: str | None = None
+    sha256: str | None = None
+    created_by: str | None = None
+    created_at: datetime | None = None
+    loaded: bool = False
+
+
+class ModelList(BaseModel):
+    default: str
+    models: list[ModelInfo]
+
+
+class RegisterModelBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    kind: Literal["base", "lora", "dreambooth", "controlnet"] = "base"
+    source: str = Field(min_length=1)
+    base: str | None = None
+    weight_name: str | None = None
+    config: str | None = None
+    scale: float = 1.0
+    trigger_words: list[str] = []
+    description: str | None = None
+    replace: bool = False
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading", "degraded", "stopped"]
+    worker: str
+    default_model: str
+    loaded_models: list[str]
+    queue_depth: int
+    device: dict[str, Any]
+    schedulers: list[str]
+    error: str | None = None
+
+
+class ErrorBody(BaseModel):
+    detail: str

@@ -1,0 +1,179 @@
+"""One generation: a request in domain terms, the pipeline call, the result. Runs on the worker thread."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+from models.errors import InvalidRequest, JobCancelled
+from models.pipelines import LoadedModel
+from models.schedulers import make_scheduler
+from models.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+Task = Literal["text2img", "img2img", "inpainting"]
+MAX_SEED = 2**32 - 1
+DEFAULT_STRENGTH: dict[str, float] = {"text2img": 1.0, "img2img": 0.75, "inpainting": 1.0}
+
+
+@dataclass
+class GenerationRequest:
+    task: Task
+    prompt: str
+    negative_prompt: str | None = None
+    model: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int = 30
+    guidance_scale: float = 7.0
+    num_images: int = 1
+    seed: int | None = None
+    strength: float | None = None
+    scheduler: str | None = None
+    image: Image.Image | None = None
+    mask_image: Image.Image | None = None
+
+    def __post_init__(self) -> None:
+        if self.seed is None:
+            self.seed = random.randint(0, MAX_SEED)
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seeds: list[int]
+    model: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    strength: float | None
+    scheduler: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+StepCallback = Callable[[int, int], None]
+
+
+def check_limits(request: GenerationRequest, settings: Settings) -> None:
+    """Limits that depend on settings; the schema already checked types, ranges and multiples of 8."""
+    problems = []
+    if request.width is not None and request.width > settings.max_width:
+        problems.append(f"width {request.width} is over the limit {settings.max_width} (SDSERVE_MAX_WIDTH)")
+    if request.height is not None and request.height > settings.max_height:
+        problems.append(f"height {request.height} is over the limit {settings.max_height} (SDSERVE_MAX_HEIGHT)")
+    if request.steps > settings.max_steps:
+        problems.append(f"steps {request.steps} is over the limit {settings.max_steps} (SDSERVE_MAX_STEPS)")
+    if request.num_images > settings.max_images:
+        problems.append(
+            f"number_of_images {request.num_images} is over the limit {settings.max_images} (SDSERVE_MAX_IMAGES)"
+        )
+    if request.image is not None and request.width is None and request.height is None:
+        width, height = request.image.size
+        if width > settings.max_width or height > settings.max_height:
+            problems.append(
+                f"the input image is {width}x{height}, over the limit {settings.max_width}x{settings.max_height}; "
+                "send a smaller image or set width and height to resize it"
+            )
+    if request.task != "text2img" and request.image is None:
+        problems.append(f"{request.task} needs an input image")
+    if request.task == "inpainting" and request.mask_image is None:
+        problems.append("inpainting needs a mask_image (white = repaint, black = keep)")
+    if problems:
+        raise InvalidRequest("; ".join(problems))
+
+
+def resolve_size(request: GenerationRequest, model: LoadedModel) -> tuple[int, int]:
+    """Explicit size, else the input image's size (down to a multiple of 8), else the model's native size."""
+    if request.image is not None:
+        image_width, image_height = request.image.size
+        width = request.width or max(8, image_width - image_width % 8)
+        height = request.height or max(8, image_height - image_height % 8)
+        return width, height
+    native_width, native_height = model.default_size()
+    return request.width or native_width, request.height or native_height
+
+
+def generate(
+    pipeline: DiffusionPipeline,
+    model: LoadedModel,
+    request: GenerationRequest,
+    on_step: StepCallback,
+    is_cancelled: Callable[[], bool],
+) -> GenerationResult:
+    started = time.perf_counter()
+    width, height = resolve_size(request, model)
+    strength = request.strength if request.strength is not None else DEFAULT_STRENGTH[request.task]
+    if request.task != "text2img" and int(request.steps * strength) < 1:
+        raise InvalidRequest(
+            f"strength {strength} with {request.steps} steps runs no denoising step; "
+            "raise strength or steps so that strength x steps >= 1"
+        )
+    pipeline.scheduler = make_scheduler(request.scheduler, model.scheduler_config)
+    assert request.seed is not None  # drawn in __post_init__
+    seeds = [request.seed + index for index in range(request.num_images)]
+    # CPU generators give the same starting noise on every device, so a seed reproduces anywhere.
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+    def step_end(pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        on_step(step + 1, pipe.num_timesteps)
+        if is_cancelled():
+            pipe._interrupt = True
+        return tensors
+
+    arguments: dict[str, Any] = {
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt or None,
+        "num_inference_steps": request.steps,
+        "guidance_scale": request.guidance_scale,
+        "num_images_per_prompt": request.num_images,
+        "generator": generators,
+        "callback_on_step_end": step_end,
+    }
+    image = mask = None
+    if request.task == "text2img":
+        arguments |= {"width": width, "height": height}
+    else:
+        image = _prepare_image(request.image, width, height, "RGB")
+        arguments |= {"image": image, "strength": strength}
+    if request.task == "inpainting":
+        mask = _prepare_image(request.mask_image, width, height, "L")
+        arguments |= {"mask_image": mask, "width": width, "height": height}
+
+    with torch.inference_mode():
+        images = pipeline(**arguments).images
+    if is_cancelled():
+        raise JobCancelled("cancelled")
+    if request.task == "inpainting":
+        # Keep the pixels outside the mask exactly: a VAE round trip would shift them slightly.
+        images = [Image.composite(generated, image, mask) for generated in images]
+    return GenerationResult(
+        images=images,
+        seeds=seeds,
+        model=model.name,
+        width=width,
+        height=height,
+        steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        strength=None if request.task == "text2img" else strength,
+        scheduler=request.scheduler or model.scheduler_config["_class_name"],
+        timings={"inference_s": round(time.perf_counter() - started, 4)},
+    )
+
+
+def _prepare_image(image: Image.Image | None, width: int, height: int, mode: str) -> Image.Image:
+    if image is None:
+        raise InvalidRequest("an input image is required")
+    image = image.convert(mode)
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    return image

@@ -1,0 +1,41 @@
+"""Domain errors. The API maps each class to one HTTP status in api/errors.py."""
+
+from __future__ import annotations
+
+
+class SdserveError(Exception):
+    """Base class: the message is safe to show to the client."""
+
+
+class InvalidRequest(SdserveError):
+    """The request cannot be run as asked (bad size, image, parameter)."""
+
+
+class ModelNotFound(SdserveError):
+    def __init__(self, name: str, known: list[str]):
+        self.name = name
+        self.known = known
+        listed = ", ".join(known) if known else "none"
+        super().__init__(f"unknown model {name!r}; registered models: {listed}")
+
+
+class ModelUnavailable(SdserveError):
+    """A registered model whose weights cannot be loaded here (not downloaded, broken, wrong format)."""
+
+
+class RegistryError(SdserveError):
+    """The registry file is invalid, or an edit would make it so."""
+
+
+class QueueFull(SdserveError):
+    def __init__(self, size: int, retry_after_s: int):
+        self.retry_after_s = retry_after_s
+        super().__init__(f"the generation queue is full ({size} waiting); retry in about {retry_after_s}s")
+
+
+class JobCancelled(SdserveError):
+    """The job was cancelled before it finished."""
+
+
+class NotReady(SdserveError):
+    """The engine is starting or shutting down."""

@@ -1,0 +1,58 @@
+"""Typed settings, read once from the environment (prefix SDSERVE_) or a .env file."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SDSERVE_", env_file=".env", extra="ignore")
+
+    registry_path: Path = Field(PACKAGE_DIR / "registry.yaml", description="The model registry YAML file.")
+    cache_dir: Path = Field(Path(".cache/sdserve"), description="Where builtin demo/preset models are built.")
+    output_dir: Path = Field(Path("outputs"), description="Generated images and training runs.")
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: float16 on CUDA and MPS, float32 on CPU."
+    )
+    prefer_bf16: bool = Field(False, description="With dtype auto on CUDA, bfloat16 instead of float16.")
+    default_model: str = Field("demo", description="Model used when a request names none; loaded at start-up.")
+    preload_default_model: bool = True
+    allow_downloads: bool = Field(
+        False, description="Let from_pretrained fetch missing weights from the Hugging Face Hub."
+    )
+    max_width: int = Field(2048, ge=64)
+    max_height: int = Field(2048, ge=64)
+    max_steps: int = Field(150, ge=1)
+    max_images: int = Field(8, ge=1, description="Images per request.")
+    queue_size: int = Field(16, ge=1, description="Requests waiting for the device; more get 429.")
+    max_loaded_models: int = Field(2, ge=1, description="Base pipelines kept in memory (least recently used go).")
+    memory_budget_gb: float | None = Field(
+        None, gt=0, description="Unload least recently used bases when their weights exceed this total."
+    )
+    low_memory: bool = Field(False, description="CPU offload, attention slicing and VAE tiling.")
+    attention: Literal["auto", "sdpa", "xformers"] = Field(
+        "auto", description="auto: xformers when installed on CUDA, else PyTorch SDPA."
+    )
+    allow_pickle: bool = Field(
+        False, description="Allow .bin/.ckpt/.pt weight files, which can run code when loaded."
+    )
+
+    @field_validator("max_width", "max_height")
+    @classmethod
+    def _multiple_of_eight(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8, got {value}")
+        return value
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

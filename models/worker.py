@@ -1,0 +1,262 @@
+"""The generation worker: the only thread that touches pipelines and the device.
+
+Requests wait in a bounded queue (a full queue refuses at once); the worker takes one job at a time,
+reports per-step progress on the job and honours cancellation between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from models.engine import GenerationRequest, GenerationResult, check_limits, generate
+from models.errors import JobCancelled, NotReady, QueueFull, SdserveError
+from models.pipelines import PipelineCache
+from models.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+FINISHED_JOBS_KEPT = 500
+
+
+class JobState(str, Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    interrupted = "interrupted"
+
+
+class WorkerState(str, Enum):
+    starting = "starting"
+    loading = "loading"
+    ready = "ready"
+    failed = "failed"
+    stopped = "stopped"
+
+
+@dataclass
+class Job:
+    request: GenerationRequest
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    state: JobState = JobState.queued
+    step: int = 0
+    total_steps: int = 0
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    future: Future[GenerationResult] = field(default_factory=Future, repr=False)
+    cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def done(self) -> bool:
+        return self.state not in (JobState.queued, JobState.running)
+
+
+@dataclass
+class _Call:
+    """A function to run on the worker thread between jobs (load an adapter, read pipeline state)."""
+
+    function: Callable[[PipelineCache], Any]
+    future: Future[Any] = field(default_factory=Future)
+
+
+class GenerationWorker:
+    def __init__(self, settings: Settings, cache: PipelineCache):
+        self.settings = settings
+        self.cache = cache
+        self.state = WorkerState.starting
+        self.startup_error: str | None = None
+        self._condition = threading.Condition()
+        self._pending: deque[Job | _Call] = deque()
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._current: Job | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="generation-worker", daemon=True)
+        self._recent_seconds: deque[float] = deque(maxlen=20)
+
+    # -- public, called from any thread --------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._condition:
+            self._stopping = True
+            for item in self._pending:
+                if isinstance(item, Job):
+                    self._finish(item, JobState.cancelled, error="the server is shutting down")
+                else:
+                    item.future.set_exception(NotReady("the server is shutting down"))
+            self._pending.clear()
+            if self._current is not None:
+                self._current.cancel_requested.set()
+            self._condition.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self.state = WorkerState.stopped
+
+    def submit(self, request: GenerationRequest) -> Job:
+        check_limits(request, self.settings)
+        job = Job(request=request)
+        with self._condition:
+            if self._stopping:
+                raise NotReady("the server is shutting down")
+            waiting = sum(isinstance(item, Job) for item in self._pending)
+            if waiting >= self.settings.queue_size:
+                raise QueueFull(waiting, self._retry_after(waiting))
+            self._pending.append(job)
+            self._remember(job)
+            self._condition.notify()
+        logger.info("job %s queued: %s on %s", job.id, request.task, request.model)
+        return job
+
+    def call(self, function: Callable[[PipelineCache], Any]) -> Future[Any]:
+        """Run `function(cache)` on the worker thread before the next queued job."""
+        call = _Call(function)
+        with self._condition:
+            if self._stopping:
+                raise NotReady("the server is shutting down")
+            self._pending.appendleft(call)
+            self._condition.notify()
+        return call.future
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Cancel a queued job at once, or a running one at its next step. Returns None if unknown."""
+        with self._condition:
+            job = self._jobs.get(job_id)
+            if job is None or job.done:
+                return job
+            job.cancel_requested.set()
+            if job in self._pending:
+                self._pending.remove(job)
+                self._finish(job, JobState.cancelled, error="cancelled")
+        logger.info("job %s cancel requested", job_id)
+        return job
+
+    def job(self, job_id: str) -> Job | None:
+        with self._condition:
+            return self._jobs.get(job_id)
+
+    def queue_position(self, job: Job) -> int | None:
+        """0 for the running job, 1 for the next one, and so on; None once it has finished."""
+        with self._condition:
+            if job is self._current:
+                return 0
+            jobs = [item for item in self._pending if isinstance(item, Job)]
+            return jobs.index(job) + 1 if job in jobs else None
+
+    def queue_depth(self) -> int:
+        with self._condition:
+            return sum(isinstance(item, Job) for item in self._pending)
+
+    # -- the worker thread -----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        self._preload()
+        while True:
+            with self._condition:
+                while not self._pending and not self._stopping:
+                    self._condition.wait()
+                if self._stopping:
+                    return
+                item = self._pending.popleft()
+                if isinstance(item, Job):
+                    self._current = item
+            if isinstance(item, _Call):
+                self._run_call(item)
+            else:
+                self._run_job(item)
+                with self._condition:
+                    self._current = None
+
+    def _preload(self) -> None:
+        if not self.settings.preload_default_model:
+            self.state = WorkerState.ready
+            return
+        self.state = WorkerState.loading
+        try:
+            self.cache.get(self.settings.default_model, "text2img")
+            self.state = WorkerState.ready
+        except SdserveError as error:
+            # The server still starts: other models may work, and /health says what is wrong.
+            self.startup_error = str(error)
+            self.state = WorkerState.failed
+            logger.error("default model %r failed to load: %s", self.settings.default_model, error)
+
+    def _run_call(self, call: _Call) -> None:
+        if not call.future.set_running_or_notify_cancel():
+            return
+        try:
+            call.future.set_result(call.function(self.cache))
+        except BaseException as error:  # noqa: BLE001 - handed to the caller, who maps it
+            call.future.set_exception(error)
+
+    def _run_job(self, job: Job) -> None:
+        job.state = JobState.running
+        job.started_at = time.time()
+        request = job.request
+        model_name = request.model or self.settings.default_model
+        try:
+            pipeline, model = self.cache.get(model_name, request.task)
+
+            def on_step(step: int, total: int) -> None:
+                job.step, job.total_steps = step, total
+
+            result = generate(pipeline, model, request, on_step, job.cancel_requested.is_set)
+        except JobCancelled:
+            self._finish(job, JobState.cancelled, error="cancelled")
+            return
+        except SdserveError as error:
+            self._finish(job, JobState.failed, error=str(error), exception=error)
+            return
+        except Exception as error:
+            logger.exception("job %s failed", job.id)
+            self._finish(job, JobState.failed, error="internal error while generating; see the server log",
+                         exception=error)
+            return
+        assert job.started_at is not None
+        result.timings["queued_s"] = round(job.started_at - job.created_at, 4)
+        self._recent_seconds.append(time.time() - job.started_at)
+        self._finish(job, JobState.succeeded, result=result)
+        logger.info("job %s done in %.2fs", job.id, result.timings["inference_s"])
+
+    def _finish(
+        self,
+        job: Job,
+        state: JobState,
+        result: GenerationResult | None = None,
+        error: str | None = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        job.state = state
+        job.error = error
+        job.finished_at = time.time()
+        if job.future.done():
+            return
+        if state is JobState.succeeded:
+            job.future.set_result(result)  # type: ignore[arg-type]
+        elif state is JobState.cancelled:
+            job.future.set_exception(JobCancelled(error or "cancelled"))
+        else:
+            job.future.set_exception(exception or SdserveError(error or "failed"))
+
+    def _remember(self, job: Job) -> None:
+        self._jobs[job.id] = job
+        while len(self._jobs) > FINISHED_JOBS_KEPT:
+            oldest_id, oldest = next(iter(self._jobs.items()))
+            if not oldest.done:
+                break
+            del self._jobs[oldest_id]
+
+    def _retry_after(self, waiting: int) -> int:
+        typical = sum(self._recent_seconds) / len(self._recent_seconds) if self._recent_seconds else 5.0
+        return max(1, round(typical * waiting))
