@@ -1,0 +1,64 @@
+"""Factories shared by the tests: images, base64, waiting for a server."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import time
+
+import httpx
+import numpy as np
+from PIL import Image
+
+
+def gradient_image(width: int = 128, height: int = 128) -> Image.Image:
+    """A smooth test picture: red left to right, green top to bottom, blue in one corner."""
+    x = np.linspace(0, 255, width)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height)[:, None].repeat(width, 1)
+    pixels = np.stack([x, y, 255 - (x + y) / 2], axis=-1).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def half_mask(width: int, height: int) -> Image.Image:
+    """White (repaint) on the right half, black (keep) on the left half."""
+    mask = Image.new("L", (width, height), 0)
+    mask.paste(255, (width // 2, 0, width, height))
+    return mask
+
+
+def to_b64(image: Image.Image, fmt: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def from_b64(text: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(text)))
+    image.load()
+    return image
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.float64)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_healthy(base_url: str, timeout_s: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    last_error: object = None
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{base_url}/health", timeout=5)
+            if response.status_code == 200:
+                return response.json()
+            last_error = response.text
+        except httpx.HTTPError as error:
+            last_error = error
+        time.sleep(0.2)
+    raise TimeoutError(f"{base_url} not healthy after {timeout_s}s: {last_error}")
