@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from diffusers.utils import logging as diffusers_logging
 from fastapi import FastAPI
 
 from api.errors import register_error_handlers
@@ -19,8 +21,18 @@ from models.worker import GenerationWorker
 logger = logging.getLogger(__name__)
 
 
+def configure_logging() -> None:
+    """Our INFO lines (model loads, jobs) next to uvicorn's, unless the host process configured logging."""
+    root = logging.getLogger()
+    if not root.handlers:
+        level = os.environ.get("LOG_LEVEL", "info").upper()
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    diffusers_logging.disable_progress_bar()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    configure_logging()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
