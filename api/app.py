@@ -7,7 +7,6 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from diffusers.utils import logging as diffusers_logging
 from fastapi import FastAPI
 
 from api.errors import register_error_handlers
@@ -27,7 +26,6 @@ def configure_logging() -> None:
     if not root.handlers:
         level = os.environ.get("LOG_LEVEL", "info").upper()
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    diffusers_logging.disable_progress_bar()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
