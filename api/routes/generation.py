@@ -31,12 +31,17 @@ async def wait_for_job(job: Job, request: Request, worker: GenerationWorker) -> 
             raise JobCancelled("the client disconnected")
 
 
+async def execute(body: GenerationBody, request: Request, worker: GenerationWorker) -> tuple[Job, GenerationResult]:
+    """Queue the body's job and wait for its result: the one path every API surface takes."""
+    job = worker.submit(body.to_domain())  # type: ignore[attr-defined]
+    return job, await wait_for_job(job, request, worker)
+
+
 async def run_generation(
     body: GenerationBody, task: Task, request: Request, worker: GenerationWorker
 ) -> GenerationResponse:
     received = time.perf_counter()
-    job = worker.submit(body.to_domain())  # type: ignore[attr-defined]
-    result = await wait_for_job(job, request, worker)
+    job, result = await execute(body, request, worker)
     encoding_started = time.perf_counter()
     images = await run_in_threadpool(encode_images, result.images, body.output_format)
     timings = dict(result.timings)
