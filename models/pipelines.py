@@ -22,6 +22,7 @@ from diffusers import (
 )
 
 from models import demo
+from models.adapters import PICKLE_SUFFIXES, LoraAdapters, LoraResolver
 from models.device import DeviceConfig
 from models.errors import InvalidRequest, ModelUnavailable
 from models.registry import BASE_KINDS, Registry, RegistryEntry
@@ -30,7 +31,6 @@ from models.settings import Settings
 logger = logging.getLogger(__name__)
 
 TASKS = ("text2img", "img2img", "inpainting")
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
 
@@ -43,6 +43,7 @@ class LoadedModel:
     weight_bytes: int
     load_seconds: float
     loaded_at: float = field(default_factory=time.time)
+    loras: LoraAdapters | None = None  # the LoRAs loaded into this base, shared by its derived pipelines
 
     @property
     def base(self) -> DiffusionPipeline:
@@ -120,6 +121,9 @@ class PipelineCache:
             scheduler_config=pipeline.scheduler.config,
             weight_bytes=weights,
             load_seconds=seconds,
+            loras=LoraAdapters(
+                name, pipeline, LoraResolver(self.settings, self.registry), self.settings.max_loras
+            ),
         )
 
     def _from_source(self, name: str, entry: RegistryEntry) -> DiffusionPipeline:
