@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import register_error_handlers
-from api.routes import generation, models, system
+from api.routes import generation, loras, models, system
 from models.device import select_device
 from models.pipelines import PipelineCache
 from models.registry import Registry
@@ -48,4 +48,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(generation.router)
     app.include_router(models.router)
     app.include_router(system.router)
+    app.include_router(loras.router)
     return app
