@@ -185,7 +185,7 @@ class LoraResolver:
             return location
         if weight_name:
             candidate = location / weight_name
-            self._inside_roots(candidate, shown)
+            self._inside_roots(candidate, f"{shown} with weight_name {weight_name}")
             if not candidate.is_file():
                 raise AdapterNotFound(f"LoRA {shown!r}: no file {weight_name!r} in its folder")
             return candidate
@@ -433,8 +433,9 @@ class LoraAdapters:
         self._applied = wanted
 
     def _new_adapter_name(self, resolved: ResolvedLora) -> str:
-        file = resolved.file
-        label = resolved.registry_name or (file.parent.name if file.name in LORA_WEIGHT_NAMES else file.stem)
+        # Named after what the client wrote: the registry name, else the file or folder it named.
+        given = Path(resolved.reference)
+        label = resolved.registry_name or (given.parent.name if given.name in LORA_WEIGHT_NAMES else given.stem)
         base = _ADAPTER_NAME_CHARS.sub("_", label).strip("_")[:60] or "lora"
         taken = {lora.adapter_name for lora in self._loaded.values()} | self.adapters_in_pipeline()
         name, number = base, 2

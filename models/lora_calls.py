@@ -70,3 +70,12 @@ def pipeline_state(cache: PipelineCache) -> list[ModelState]:
         applied = model.loras.applied() if model.loras is not None else []
         states.append(ModelState(model.name, pipelines, model.weight_bytes, model.loaded_at, loras, applied))
     return states
+
+
+def preloaded_lora_names(cache: PipelineCache, model_name: str) -> list[str]:
+    """Adapter names loaded through POST /loras on a base. Seed 003's clients expect LoRAs loaded with
+    /load-lora/ to apply to the generations that follow; its compat route can send these as the request's LoRAs."""
+    model = next((model for model in cache.loaded() if model.name == model_name), None)
+    if model is None or model.loras is None:
+        return []
+    return [info.adapter_name for info in model.loras.loaded() if info.preloaded]

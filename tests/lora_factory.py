@@ -49,13 +49,16 @@ def random_lora(model_folder: Path, seed: int, rank: int = 4, magnitude: float =
     return LoraWeights(randomised(get_peft_model_state_dict(unet)), randomised(get_peft_model_state_dict(text_encoder)))
 
 
-def save_diffusers(weights: LoraWeights, folder: Path, weight_name: str | None = None, safe: bool = True) -> Path:
-    """As diffusers' train_text_to_image_lora.py / train_dreambooth_lora.py save their output."""
+def save_diffusers(weights: LoraWeights, folder: Path, weight_name: str | None = None, safe: bool = True,
+                   peft_keys: bool = False) -> Path:
+    """As diffusers' train_text_to_image_lora.py / train_dreambooth_lora.py save their output (`lora.down/up`
+    keys); with peft_keys, the PEFT names (`lora_A/lora_B`) that scripts saving the PEFT state dict as is write."""
     folder.mkdir(parents=True, exist_ok=True)
+    convert = (lambda state: state) if peft_keys else convert_state_dict_to_diffusers
     StableDiffusionPipeline.save_lora_weights(
         folder,
-        unet_lora_layers=convert_state_dict_to_diffusers(weights.unet),
-        text_encoder_lora_layers=convert_state_dict_to_diffusers(weights.text_encoder),
+        unet_lora_layers=convert(weights.unet),
+        text_encoder_lora_layers=convert(weights.text_encoder),
         weight_name=weight_name,
         safe_serialization=safe,
     )

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from models import demo
 from models.adapters import allowed_roots
+from models.lora_calls import preloaded_lora_names
 from models.settings import Settings
 from tests.conftest import wait_ready
 from tests.lora_factory import (
@@ -50,6 +51,7 @@ def library(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Path
     save_diffusers(b, root / "b")
     save_diffusers(c, root / "c")
     save_diffusers(a, root / "a-named", weight_name="my_style.safetensors")
+    save_diffusers(a, root / "a-peft", peft_keys=True)
     save_kohya(a, root / "a-kohya.safetensors")
     save_kohya(a, root / "a-kohya-folder" / "style_v1.safetensors")
     save_kohya(a, root / "a-kohya-half-alpha.safetensors", alpha=2)  # rank 4: alpha 2 scales the LoRA by 0.5
@@ -146,6 +148,7 @@ class FileReads:
     [
         ("a", "pytorch_lora_weights.safetensors"),  # diffusers training output
         ("a-named", "my_style.safetensors"),  # diffusers layout, another file name
+        ("a-peft", "pytorch_lora_weights.safetensors"),  # PEFT key names
         ("a-kohya-folder", "style_v1.safetensors"),  # kohya layout
     ],
 )
@@ -417,6 +420,8 @@ def test_preload_list_use_and_unload(client, loras, monkeypatch):
     assert image(client) != used["images"][0]  # preloading does not apply it to requests that do not name it
     assert files.reads == ["pytorch_lora_weights.safetensors"]
 
+    worker = client.app.state.worker
+    assert worker.call(lambda cache: preloaded_lora_names(cache, "demo")).result(timeout=30) == ["mine"]
     state = client.get("/pipeline-state/").json()
     assert state["base_model"] == "demo" and state["loaded_adapters"] == ["mine"]
     assert state["device"] == "cpu" and state["dtype"] == "float32" and state["scheduler"] == "DDIMScheduler"
