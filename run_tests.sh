@@ -9,5 +9,7 @@ sdserve_setup "dev"
 for step in scripts/install_*.sh; do
   [[ -e "$step" ]] && bash "$step"
 done
+# The test models are tiny: one thread per process beats several fighting over two cores.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 "$PYTHON" -m ruff check .
 exec "$PYTHON" -m pytest "$@"

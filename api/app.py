@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import register_error_handlers
-from api.routes import compat_a1111, compat_openai, compat_seeds, generation, models, system
+from api.routes import compat_a1111, compat_openai, compat_seeds, generation, loras, models, system
 from models.device import select_device
 from models.pipelines import PipelineCache
 from models.registry import Registry
@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(generation.router)
     app.include_router(models.router)
     app.include_router(system.router)
+    app.include_router(loras.router)
     app.include_router(compat_seeds.router)
     app.include_router(compat_openai.router)
     app.include_router(compat_a1111.router)

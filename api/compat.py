@@ -33,6 +33,16 @@ A1111_SAMPLERS: dict[str, str] = {
     "UniPC": "unipc",
 }
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]+\]$")
+_LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([-+]?\d*\.?\d+))?[^>]*>")
+
+
+def split_lora_tags(prompt: str) -> tuple[str, list[dict[str, Any]]]:
+    """AUTOMATIC1111 prompts name LoRAs inline as <lora:name:0.8>; take them out as request LoRAs."""
+    loras = [
+        {"name": match.group(1).strip(), "scale": float(match.group(2)) if match.group(2) else 1.0}
+        for match in _LORA_TAG.finditer(prompt)
+    ]
+    return " ".join(_LORA_TAG.sub(" ", prompt).split()), loras
 
 
 def sampler_to_scheduler(sampler: str | None, schedule: str | None = None) -> str | None:

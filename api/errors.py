@@ -9,11 +9,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from models.errors import (
+    AdapterNotFound,
     InvalidRequest,
     JobCancelled,
     ModelNotFound,
     ModelUnavailable,
     NotReady,
+    PathNotAllowed,
     QueueFull,
     RegistryError,
     SdserveError,
@@ -25,6 +27,8 @@ STATUS_BY_ERROR: dict[type[SdserveError], int] = {
     InvalidRequest: 422,
     RegistryError: 422,
     ModelNotFound: 404,
+    AdapterNotFound: 404,
+    PathNotAllowed: 403,
     QueueFull: 429,
     JobCancelled: 409,
     ModelUnavailable: 503,

@@ -6,12 +6,53 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from api.images import Base64Image, OutputFormat
+from models.adapters import ActiveLora, LoraSpec
 from models.engine import MAX_SEED, GenerationRequest, GenerationResult
 
 Task = Literal["text2img", "img2img", "inpainting"]
+
+
+class LoraBody(BaseModel):
+    """One LoRA for a generation request; a bare string is taken as its name."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(
+        min_length=1, max_length=1000, validation_alias=AliasChoices("name", "path", "lora"),
+        description="A registry entry of kind lora, a preloaded adapter name, a local .safetensors file or folder "
+        "inside the allowed folders (SDSERVE_LORA_ROOTS), or a Hugging Face repo id in the local HF cache.",
+    )
+    weight_name: str | None = Field(
+        None, min_length=1, max_length=255,
+        description="The file inside a folder or repo, when it is not pytorch_lora_weights.safetensors.",
+    )
+    scale: float | None = Field(
+        None, ge=-10, le=10,
+        description="How strongly the LoRA applies (0 = not at all); default: its registry or preload scale, else 1.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    def to_domain(self) -> LoraSpec:
+        return LoraSpec(name=self.name, weight_name=self.weight_name, scale=self.scale)
+
+
+class LoraUsed(BaseModel):
+    name: str = Field(description="The LoRA as the request named it.")
+    adapter_name: str = Field(description="Its adapter in the loaded pipeline (see GET /loras).")
+    scale: float = Field(description="The scale it ran at.")
+    trigger_words: list[str] = Field(description="Words appended to the prompt for it (unless already there).")
+
+    @classmethod
+    def from_domain(cls, lora: ActiveLora) -> LoraUsed:
+        return cls(name=lora.name, adapter_name=lora.adapter_name, scale=lora.scale,
+                   trigger_words=list(lora.trigger_words))
 
 
 class GenerationBody(BaseModel):
@@ -43,6 +84,11 @@ class GenerationBody(BaseModel):
     model: str | None = Field(None, description="Registry name of the base model; default SDSERVE_DEFAULT_MODEL.")
     scheduler: str | None = Field(None, description="Scheduler name (see GET /health); default: the model's.")
     output_format: OutputFormat = Field("png", description="Encoding of the returned images.")
+    loras: list[LoraBody] = Field(
+        default_factory=list, max_length=32,
+        description='LoRAs to apply, each with its own scale: [{"name": "my-style", "scale": 0.8}, ...]. '
+        "None: the plain base model.",
+    )
 
     @field_validator("seed")
     @classmethod
@@ -63,6 +109,7 @@ class GenerationBody(BaseModel):
             seed=self.seed,
             strength=getattr(self, "strength", None),
             scheduler=self.scheduler,
+            loras=[lora.to_domain() for lora in self.loras],
             **images,
         )
 
@@ -105,6 +152,7 @@ class Parameters(BaseModel):
     number_of_images: int
     seed: int
     output_format: OutputFormat
+    loras: list[LoraUsed] = Field(default_factory=list, description="The LoRAs used, with their resolved scales.")
 
 
 class GenerationResponse(BaseModel):
@@ -133,6 +181,7 @@ class GenerationResponse(BaseModel):
             number_of_images=len(images),
             seed=result.seeds[0],
             output_format=body.output_format,
+            loras=[LoraUsed.from_domain(lora) for lora in result.loras],
         )
         return cls(images=images, seeds=result.seeds, model=result.model, parameters=parameters,
                    timings=timings, job_id=job_id)

@@ -13,6 +13,7 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from models.adapters import ActiveLora, LoraSpec, with_trigger_words
 from models.errors import InvalidRequest, JobCancelled
 from models.pipelines import LoadedModel
 from models.schedulers import make_scheduler
@@ -41,6 +42,7 @@ class GenerationRequest:
     scheduler: str | None = None
     image: Image.Image | None = None
     mask_image: Image.Image | None = None
+    loras: list[LoraSpec] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.seed is None:
@@ -59,6 +61,7 @@ class GenerationResult:
     strength: float | None
     scheduler: str
     timings: dict[str, float] = field(default_factory=dict)
+    loras: list[ActiveLora] = field(default_factory=list)
 
 
 StepCallback = Callable[[int, int], None]
@@ -84,6 +87,8 @@ def check_limits(request: GenerationRequest, settings: Settings) -> None:
                 f"the input image is {width}x{height}, over the limit {settings.max_width}x{settings.max_height}; "
                 "send a smaller image or set width and height to resize it"
             )
+    if len(request.loras) > settings.max_loras:
+        problems.append(f"{len(request.loras)} LoRAs in one request; at most {settings.max_loras} (SDSERVE_MAX_LORAS)")
     if request.task != "text2img" and request.image is None:
         problems.append(f"{request.task} needs an input image")
     if request.task == "inpainting" and request.mask_image is None:
@@ -119,6 +124,8 @@ def generate(
             "raise strength or steps so that strength x steps >= 1"
         )
     pipeline.scheduler = make_scheduler(request.scheduler, model.scheduler_config)
+    # Every request sets the adapters it runs with (none disables them): nothing carries over from the last one.
+    loras = model.loras.activate(request.loras) if model.loras is not None else []
     assert request.seed is not None  # drawn in __post_init__
     seeds = [request.seed + index for index in range(request.num_images)]
     # CPU generators give the same starting noise on every device, so a seed reproduces anywhere.
@@ -131,7 +138,7 @@ def generate(
         return tensors
 
     arguments: dict[str, Any] = {
-        "prompt": request.prompt,
+        "prompt": with_trigger_words(request.prompt, loras),
         "negative_prompt": request.negative_prompt or None,
         "num_inference_steps": request.steps,
         "guidance_scale": request.guidance_scale,
@@ -167,6 +174,7 @@ def generate(
         strength=None if request.task == "text2img" else strength,
         scheduler=request.scheduler or model.scheduler_config["_class_name"],
         timings={"inference_s": round(time.perf_counter() - started, 4)},
+        loras=loras,
     )
 
 

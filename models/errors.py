@@ -23,6 +23,14 @@ class ModelUnavailable(SdserveError):
     """A registered model whose weights cannot be loaded here (not downloaded, broken, wrong format)."""
 
 
+class PathNotAllowed(SdserveError):
+    """A client-named file or folder outside the folders the server may read from."""
+
+
+class AdapterNotFound(SdserveError):
+    """A LoRA reference that names no registry entry, file, folder or cached repo; or no loaded adapter."""
+
+
 class RegistryError(SdserveError):
     """The registry file is invalid, or an edit would make it so."""
 

@@ -23,6 +23,7 @@ from diffusers import (
 from diffusers.utils import logging as diffusers_logging
 
 from models import demo
+from models.adapters import PICKLE_SUFFIXES, LoraAdapters, LoraResolver
 from models.device import DeviceConfig
 from models.errors import InvalidRequest, ModelUnavailable
 from models.registry import BASE_KINDS, Registry, RegistryEntry
@@ -31,7 +32,6 @@ from models.settings import Settings
 logger = logging.getLogger(__name__)
 
 TASKS = ("text2img", "img2img", "inpainting")
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
 
@@ -44,6 +44,7 @@ class LoadedModel:
     weight_bytes: int
     load_seconds: float
     loaded_at: float = field(default_factory=time.time)
+    loras: LoraAdapters | None = None  # the LoRAs loaded into this base, shared by its derived pipelines
 
     @property
     def base(self) -> DiffusionPipeline:
@@ -123,6 +124,9 @@ class PipelineCache:
             scheduler_config=pipeline.scheduler.config,
             weight_bytes=weights,
             load_seconds=seconds,
+            loras=LoraAdapters(
+                name, pipeline, LoraResolver(self.settings, self.registry), self.settings.max_loras
+            ),
         )
 
     def _from_source(self, name: str, entry: RegistryEntry) -> DiffusionPipeline:
@@ -212,6 +216,6 @@ def _unavailable_message(name: str, source: str, downloads_allowed: bool) -> str
         return f"model {name!r} ({source}) could not be loaded; check the source in the registry"
     return (
         f"model {name!r} ({source}) is not available offline. Download it once with "
-        f"`huggingface-cli download {source}` (into HF_HOME), point its registry source at a local "
+        f"`hf download {source}` (into HF_HOME), point its registry source at a local "
         "diffusers folder, or start the server with SDSERVE_ALLOW_DOWNLOADS=true"
     )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -44,6 +46,24 @@ class Settings(BaseSettings):
     allow_pickle: bool = Field(
         False, description="Allow .bin/.ckpt/.pt weight files, which can run code when loaded."
     )
+    lora_roots: Annotated[list[Path] | None, NoDecode] = Field(
+        None,
+        description="Folders LoRA files may be read from (a JSON list, or paths separated by the OS path separator). "
+        "Default: the registry file's folder, output_dir (training runs included) and the Hugging Face cache.",
+    )
+    max_loras: int = Field(
+        8, ge=1, description="LoRA adapters kept loaded per base model (least recently used are unloaded)."
+    )
+
+    @field_validator("lora_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part for part in text.split(os.pathsep) if part] or None
+        return value
 
     @field_validator("max_width", "max_height")
     @classmethod

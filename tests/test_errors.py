@@ -51,7 +51,7 @@ def test_model_without_offline_weights_is_503_naming_it(client):
     response = client.post("/text2img", json={**GOOD, "model": "sd-missing"})
     assert response.status_code == 503
     detail = response.json()["detail"]
-    assert "sd-missing" in detail and "huggingface-cli download someone/not-downloaded-model" in detail
+    assert "sd-missing" in detail and "hf download someone/not-downloaded-model" in detail
     assert "SDSERVE_ALLOW_DOWNLOADS" in detail
     assert client.post("/text2img", json=GOOD).status_code == 200
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from api.compat import A1111_SAMPLERS, build_body, resolve_model_alias, sampler_to_scheduler
+from api.compat import A1111_SAMPLERS, build_body, resolve_model_alias, sampler_to_scheduler, split_lora_tags
 from api.deps import RegistryDep, SettingsDep, WorkerDep
 from api.images import Base64Image, encode_images
 from api.routes.generation import execute
@@ -53,8 +53,10 @@ class GenerationAnswer(BaseModel):
 
 
 def _native_fields(body: Txt2ImgRequest, registry: RegistryDep) -> dict[str, Any]:
+    prompt, loras = split_lora_tags(body.prompt)
     return {
-        "prompt": body.prompt or " ",
+        "prompt": prompt or " ",
+        "loras": loras or None,
         "negative_prompt": body.negative_prompt or None,
         "steps": body.steps,
         "cfg_scale": body.cfg_scale,

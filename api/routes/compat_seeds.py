@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
@@ -9,12 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from api.compat import build_body, none_if_sentinel, png_response_body, resolve_model_alias
-from api.deps import RegistryDep, WorkerDep
+from api.deps import RegistryDep, SettingsDep, WorkerDep
 from api.images import encode_images
 from api.routes.generation import execute
 from api.schemas import Text2ImgBody
 from models.engine import MAX_SEED
 from models.errors import InvalidRequest
+from models.lora_calls import preloaded_lora_names
 
 router = APIRouter(tags=["compatibility: earlier servers"])
 SEED_000_DEFAULT_MODEL = "runwayml/stable-diffusion-v1-5"
@@ -48,8 +50,6 @@ async def submit(
         for path, weight in ((lora_hugging_face_1, weight_name_1), (lora_hugging_face_2, weight_name_2))
         if none_if_sentinel(path)
     ]
-    if loras and "loras" not in Text2ImgBody.model_fields:
-        raise InvalidRequest("LoRA adapters are not available in this version of the server")
     body = build_body(
         Text2ImgBody,
         prompt=text_prompt,
@@ -97,6 +97,7 @@ async def imagine(body: ImagineBody, request: Request, worker: WorkerDep) -> Any
 async def generate_image(
     request: Request,
     worker: WorkerDep,
+    settings: SettingsDep,
     prompt: Annotated[str, Form()],
     height: Annotated[int, Form()] = 512,
     width: Annotated[int, Form()] = 512,
@@ -106,7 +107,10 @@ async def generate_image(
 ) -> Response:
     if control_image is not None and control_image.filename:
         raise InvalidRequest("ControlNet is not available in this version of the server; send no control_image")
+    # Seed 003 loads LoRAs into its live pipeline with /load-lora/; they apply to every generation after that.
+    model = settings.default_model
+    preloaded = await asyncio.wrap_future(worker.call(lambda cache: preloaded_lora_names(cache, model)))
     body = build_body(Text2ImgBody, prompt=prompt, width=width, height=height, steps=num_inference_steps,
-                      cfg_scale=guidance_scale)
+                      cfg_scale=guidance_scale, loras=[{"name": name} for name in preloaded] or None)
     _, result = await execute(body, request, worker)
     return _png(await png_response_body(result.images[0]), result.seeds)
