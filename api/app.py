@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -10,7 +11,7 @@ from fastapi import FastAPI
 
 from api.errors import register_error_handlers
 from api.job_views import JobResults
-from api.routes import generation, images, jobs, models, system
+from api.routes import compat_a1111, compat_openai, compat_seeds, generation, images, jobs, models, system
 from models.device import select_device
 from models.jobs import JobService
 from models.pipelines import PipelineCache
@@ -22,8 +23,17 @@ from models.worker import GenerationWorker
 logger = logging.getLogger(__name__)
 
 
+def configure_logging() -> None:
+    """Our INFO lines (model loads, jobs) next to uvicorn's, unless the host process configured logging."""
+    root = logging.getLogger()
+    if not root.handlers:
+        level = os.environ.get("LOG_LEVEL", "info").upper()
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    configure_logging()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -58,4 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(images.router)
     app.include_router(models.router)
     app.include_router(system.router)
+    app.include_router(compat_seeds.router)
+    app.include_router(compat_openai.router)
+    app.include_router(compat_a1111.router)
     return app

@@ -20,6 +20,7 @@ from diffusers import (
     DiffusionPipeline,
     StableDiffusionPipeline,
 )
+from diffusers.utils import logging as diffusers_logging
 
 from models import demo
 from models.device import DeviceConfig
@@ -60,6 +61,8 @@ class PipelineCache:
         self.registry = registry
         self.device = device
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        # Loading bars are for notebooks; a server logs one line per load instead.
+        diffusers_logging.disable_progress_bar()
 
     def loaded_names(self) -> list[str]:
         return list(self._models)
