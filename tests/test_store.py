@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -17,7 +18,7 @@ from api.job_views import image_path
 from models.engine import GenerationRequest, GenerationResult
 from models.errors import ImageNotFound
 from models.image_files import AdapterUse, a1111_parameters, read_metadata, save_png, sdserve_metadata
-from models.store import MIGRATIONS_DIR, ImageRecord, Store
+from models.store import MIGRATIONS_DIR, Base, ImageRecord, Store
 from models.worker import Job, JobState
 
 
@@ -49,6 +50,8 @@ def test_store_creates_the_database_at_the_latest_migration(tmp_path):
     with store.engine.connect() as connection:
         current = MigrationContext.configure(connection).get_current_revision()
     assert current == ScriptDirectory.from_config(config).get_current_head()
+    with store.engine.connect() as connection:  # the models and the migrations describe the same schema
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
     store.close()
     Store(sqlite_url(tmp_path)).close()  # opening again upgrades nothing and loses nothing
 
