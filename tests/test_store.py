@@ -18,7 +18,7 @@ from api.job_views import image_path
 from models.engine import GenerationRequest, GenerationResult
 from models.errors import ImageNotFound
 from models.image_files import AdapterUse, a1111_parameters, read_metadata, save_png, sdserve_metadata
-from models.store import MIGRATIONS_DIR, Base, ImageRecord, Store
+from models.store import MIGRATIONS_DIR, Base, ImageRecord, Store, StoreUnavailable
 from models.worker import Job, JobState
 
 
@@ -75,6 +75,20 @@ def test_jobs_survive_reopening_and_unfinished_ones_become_interrupted(tmp_path)
         assert record.finished_at is not None
     assert reopened.get_job("c" * 32).step == 3
     assert reopened.mark_interrupted("again") == 0
+
+
+def test_in_memory_database_is_shared_across_threads():
+    store = Store("sqlite://")
+    writer = threading.Thread(target=store.save_job, args=(job_values("d" * 32),))
+    writer.start()
+    writer.join()
+    assert store.get_job("d" * 32).prompt == "a red fox"
+
+
+def test_an_unreachable_database_stops_the_start_with_its_url_and_setting(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(StoreUnavailable, match=r"cannot open the jobs database sqlite:///.*SDSERVE_DATABASE_URL"):
+        Store(f"sqlite:///{tmp_path / 'file' / 'sdserve.db'}")
 
 
 def test_image_filters_escape_wildcards_and_page(tmp_path):
