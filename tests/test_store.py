@@ -205,3 +205,21 @@ def test_unsubscribed_listener_hears_nothing_more():
     job.unsubscribe(listener)
     job.emit("started")
     assert heard == ["queued"] and not job.watched
+
+
+def test_loras_are_read_from_any_request_shape():
+    from dataclasses import dataclass
+
+    from models.jobs import _adapters_of
+
+    @dataclass
+    class Spec:  # the shape the LoRA routes give: name, weight_name, scale
+        name: str
+        weight_name: str | None = None
+        scale: float | None = None
+
+    request = GenerationRequest(task="text2img", prompt="x", seed=1)
+    request.loras = [Spec("style", None, 0.7), Spec("other", "w.safetensors"), "plain", {"name": "d", "weight": 2}]
+    assert _adapters_of(request) == [
+        ("style", 0.7, None), ("other", None, "w.safetensors"), ("plain", None, None), ("d", 2.0, None)
+    ]
