@@ -10,8 +10,11 @@ from fastapi.responses import JSONResponse
 
 from models.errors import (
     AdapterNotFound,
+    ImageNotFound,
     InvalidRequest,
     JobCancelled,
+    JobFinished,
+    JobNotFound,
     ModelNotFound,
     ModelUnavailable,
     NotReady,
@@ -33,6 +36,9 @@ STATUS_BY_ERROR: dict[type[SdserveError], int] = {
     JobCancelled: 409,
     ModelUnavailable: 503,
     NotReady: 503,
+    JobNotFound: 404,
+    ImageNotFound: 404,
+    JobFinished: 409,
 }
 
 

@@ -58,6 +58,8 @@ Base64Image = Annotated[
 
 
 def encode_image(image: Image.Image, output_format: OutputFormat = "png", quality: int = 92) -> str:
+    # PIL keeps save options on the image object; a cached result may be encoded by two requests at once.
+    image = image.copy()
     buffer = io.BytesIO()
     if output_format == "png":
         image.save(buffer, format="PNG")

@@ -89,6 +89,10 @@ class GenerationBody(BaseModel):
         description='LoRAs to apply, each with its own scale: [{"name": "my-style", "scale": 0.8}, ...]. '
         "None: the plain base model.",
     )
+    save: bool | None = Field(
+        None, description="Save the images as PNG with their parameters and list them in GET /images; "
+        "default SDSERVE_SAVE_IMAGES.",
+    )
 
     @field_validator("seed")
     @classmethod
@@ -162,11 +166,12 @@ class GenerationResponse(BaseModel):
     parameters: Parameters
     timings: dict[str, float] = Field(description="Seconds: queued, inference, encoding, total.")
     job_id: str
+    cached: bool = Field(False, description="Answered from the result cache (same request and explicit seed).")
 
     @classmethod
     def build(
         cls, body: GenerationBody, task: Task, job_id: str, result: GenerationResult, images: list[str],
-        timings: dict[str, float],
+        timings: dict[str, float], cached: bool = False,
     ) -> GenerationResponse:
         parameters = Parameters(
             task=task,
@@ -184,7 +189,7 @@ class GenerationResponse(BaseModel):
             loras=[LoraUsed.from_domain(lora) for lora in result.loras],
         )
         return cls(images=images, seeds=result.seeds, model=result.model, parameters=parameters,
-                   timings=timings, job_id=job_id)
+                   timings=timings, job_id=job_id, cached=cached)
 
 
 class ModelInfo(BaseModel):
