@@ -9,8 +9,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import register_error_handlers
-from api.routes import generation, models, system
+from api.observability import MetricsMiddleware, RequestIdMiddleware
+from api.routes import generation, models, observability, system
 from models.device import select_device
+from models.logcontext import configure_logging
 from models.pipelines import PipelineCache
 from models.registry import Registry
 from models.settings import Settings, get_settings
@@ -21,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    configure_logging(settings.log_level)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -48,4 +51,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(generation.router)
     app.include_router(models.router)
     app.include_router(system.router)
+    app.include_router(observability.router)
+    # Added last = outermost: the request id is set before metrics and everything else run.
+    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(RequestIdMiddleware)
     return app

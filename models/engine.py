@@ -13,6 +13,7 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from models import metrics
 from models.errors import InvalidRequest, JobCancelled
 from models.pipelines import LoadedModel
 from models.schedulers import make_scheduler
@@ -111,6 +112,7 @@ def generate(
     is_cancelled: Callable[[], bool],
 ) -> GenerationResult:
     started = time.perf_counter()
+    on_step = metrics.StepMeter(model.name, on_step)
     width, height = resolve_size(request, model)
     strength = request.strength if request.strength is not None else DEFAULT_STRENGTH[request.task]
     if request.task != "text2img" and int(request.steps * strength) < 1:

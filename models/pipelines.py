@@ -21,7 +21,7 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
-from models import demo
+from models import demo, metrics
 from models.device import DeviceConfig
 from models.errors import InvalidRequest, ModelUnavailable
 from models.registry import BASE_KINDS, Registry, RegistryEntry
@@ -60,6 +60,7 @@ class PipelineCache:
         self.registry = registry
         self.device = device
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._last_used: str | None = None
 
     def loaded_names(self) -> list[str]:
         return list(self._models)
@@ -75,7 +76,11 @@ class PipelineCache:
             model = self._load(name, entry)
             self._models[name] = model
             self._enforce_bounds(keep=name)
+            metrics.model_loaded(name, model.load_seconds, len(self._models))
         self._models.move_to_end(name)
+        if self._last_used is not None and self._last_used != name:
+            metrics.model_switched(name)
+        self._last_used = name
         if task not in model.pipelines:
             model.pipelines[task] = self._derive(model, task)
         return model.pipelines[task], model
@@ -85,6 +90,7 @@ class PipelineCache:
         if model is None:
             return False
         logger.info("unloading model %r (%.0f MB)", name, model.weight_bytes / 2**20)
+        metrics.model_evicted(name, len(self._models))
         model.pipelines.clear()
         del model
         gc.collect()

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     allow_pickle: bool = Field(
         False, description="Allow .bin/.ckpt/.pt weight files, which can run code when loaded."
     )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Level of sdserve's own log lines (each carries its request and job id)."
+    )
 
     @field_validator("max_width", "max_height")
     @classmethod

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from models import metrics
 from models.engine import GenerationRequest, GenerationResult, check_limits, generate
 from models.errors import JobCancelled, NotReady, QueueFull, SdserveError
+from models.logcontext import current_request_id, log_context
 from models.pipelines import PipelineCache
 from models.settings import Settings
 
@@ -57,6 +59,7 @@ class Job:
     error: str | None = None
     future: Future[GenerationResult] = field(default_factory=Future, repr=False)
     cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
+    request_id: str | None = field(default_factory=current_request_id)
 
     @property
     def done(self) -> bool:
@@ -117,6 +120,7 @@ class GenerationWorker:
             self._pending.append(job)
             self._remember(job)
             self._condition.notify()
+        metrics.job_submitted(request.task)
         logger.info("job %s queued: %s on %s", job.id, request.task, request.model)
         return job
 
@@ -174,7 +178,8 @@ class GenerationWorker:
             if isinstance(item, _Call):
                 self._run_call(item)
             else:
-                self._run_job(item)
+                with log_context(request_id=item.request_id, job_id=item.id):
+                    self._run_job(item)
                 with self._condition:
                     self._current = None
 
@@ -203,6 +208,7 @@ class GenerationWorker:
     def _run_job(self, job: Job) -> None:
         job.state = JobState.running
         job.started_at = time.time()
+        metrics.job_started()
         request = job.request
         model_name = request.model or self.settings.default_model
         try:
@@ -237,6 +243,9 @@ class GenerationWorker:
         error: str | None = None,
         exception: BaseException | None = None,
     ) -> None:
+        run_seconds = time.time() - job.started_at if job.started_at is not None else None
+        metrics.job_finished(state.value, was_running=job.state is JobState.running, task=job.request.task,
+                             run_seconds=run_seconds)
         job.state = state
         job.error = error
         job.finished_at = time.time()
