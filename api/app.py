@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from api.errors import register_error_handlers
 from api.observability import MetricsMiddleware, RequestIdMiddleware
 from api.routes import generation, models, observability, system
+from api.routes.ui import mount_page
 from models.device import select_device
 from models.logcontext import configure_logging
 from models.pipelines import PipelineCache
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(system.router)
     app.include_router(observability.router)
+    mount_page(app)
     # Added last = outermost: the request id is set before metrics and everything else run.
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)
