@@ -20,6 +20,7 @@ from diffusers import (
     DiffusionPipeline,
     StableDiffusionPipeline,
 )
+from diffusers.utils import logging as diffusers_logging
 
 from models import demo, metrics
 from models.device import DeviceConfig
@@ -61,6 +62,8 @@ class PipelineCache:
         self.device = device
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._last_used: str | None = None
+        # Loading bars are for notebooks; a server logs one line per load instead.
+        diffusers_logging.disable_progress_bar()
 
     def loaded_names(self) -> list[str]:
         return list(self._models)

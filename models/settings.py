@@ -6,10 +6,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class Settings(BaseSettings):
@@ -44,9 +45,20 @@ class Settings(BaseSettings):
     allow_pickle: bool = Field(
         False, description="Allow .bin/.ckpt/.pt weight files, which can run code when loaded."
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        "INFO", description="Level of sdserve's own log lines (each carries its request and job id)."
+    log_level: str = Field(
+        "INFO",
+        validation_alias=AliasChoices("log_level", "SDSERVE_LOG_LEVEL", "LOG_LEVEL"),
+        description="Level of sdserve's own log lines, each tagged with its request and job id "
+        "(LOG_LEVEL, which run_api.sh also gives uvicorn, works too).",
     )
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+        return level
 
     @field_validator("max_width", "max_height")
     @classmethod

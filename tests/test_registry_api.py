@@ -1,0 +1,37 @@
+"""The registry over HTTP, and the server seeing edits without a restart."""
+
+from __future__ import annotations
+
+import os
+
+
+def test_register_show_delete(client):
+    created = client.post("/models", json={"name": "copy", "source": "demo:tiny", "description": "a second demo"})
+    assert created.status_code == 201, created.text
+    assert client.get("/models/copy").json()["description"] == "a second demo"
+    response = client.post("/text2img", json={"prompt": "x", "model": "copy", "steps": 2, "seed": 1})
+    assert response.status_code == 200 and response.json()["model"] == "copy"
+    assert client.post("/models", json={"name": "copy", "source": "demo:tiny"}).status_code == 422
+    assert client.delete("/models/copy").status_code == 204
+    assert client.get("/models/copy").status_code == 404
+    assert client.delete("/models/copy").status_code == 404
+
+
+def test_register_rejects_bad_names_and_fields(client):
+    assert client.post("/models", json={"name": "../escape", "source": "demo:tiny"}).status_code == 422
+    assert client.post("/models", json={"name": "ok", "source": "demo:tiny", "sorce": 1}).status_code == 422
+    assert client.post("/models", json={"name": "ok", "kind": "weird", "source": "x"}).status_code == 422
+
+
+def test_file_edit_is_served_without_restart(client, settings):
+    path = settings.registry_path
+    path.write_text(path.read_text() + "  edited:\n    source: demo:tiny\n")
+    os.utime(path, ns=(2, 2))
+    assert client.get("/models/edited").status_code == 200
+    assert client.post("/models/reload").status_code == 200
+
+
+def test_unknown_builtin_is_503(client):
+    client.post("/models", json={"name": "weird", "source": "demo:unknown"})
+    response = client.post("/text2img", json={"prompt": "x", "model": "weird", "steps": 2})
+    assert response.status_code == 503 and "demo:tiny" in response.json()["detail"]
