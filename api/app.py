@@ -9,14 +9,18 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import register_error_handlers
+from api.job_views import JobResults
 from api.observability import MetricsMiddleware, RequestIdMiddleware
-from api.routes import generation, models, observability, system
+from api.routes import generation, images, jobs, models, observability, system
 from api.routes.ui import mount_page
 from models.device import select_device
+from models.jobs import JobService
 from models.logcontext import configure_logging
+from models.metrics import JobMetrics
 from models.pipelines import PipelineCache
 from models.registry import Registry
 from models.settings import Settings, get_settings
+from models.store import Store
 from models.worker import GenerationWorker
 
 logger = logging.getLogger(__name__)
@@ -31,16 +35,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry = Registry(settings.registry_path)
         device = select_device(settings)
         worker = GenerationWorker(settings, PipelineCache(settings, registry, device))
+        worker.add_observer(JobMetrics())
         app.state.settings = settings
         app.state.registry = registry
         app.state.device = device
         app.state.worker = worker
+        store = Store(settings.resolved_database_url())
+        app.state.jobs = JobService(settings, worker, store, registry)
+        app.state.job_results = JobResults(app.state.jobs, settings.output_dir)
         worker.start()
         logger.info("sdserve ready to take requests; default model %r", settings.default_model)
         try:
             yield
         finally:
             worker.stop()
+            app.state.jobs.close()  # after the worker: its last events (interrupted jobs) get written
+            store.close()
 
     app = FastAPI(
         title="sdserve",
@@ -50,6 +60,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     register_error_handlers(app)
     app.include_router(generation.router)
+    app.include_router(jobs.router)
+    app.include_router(images.router)
     app.include_router(models.router)
     app.include_router(system.router)
     app.include_router(observability.router)

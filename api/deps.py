@@ -6,6 +6,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from api.job_views import JobResults
+from models.jobs import JobService
 from models.registry import Registry
 from models.settings import Settings
 from models.worker import GenerationWorker
@@ -26,3 +28,15 @@ def get_worker(request: Request) -> GenerationWorker:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 WorkerDep = Annotated[GenerationWorker, Depends(get_worker)]
+
+
+def get_jobs(request: Request) -> JobService:
+    return request.app.state.jobs
+
+
+def get_job_results(request: Request) -> JobResults:
+    return request.app.state.job_results
+
+
+JobsDep = Annotated[JobService, Depends(get_jobs)]
+JobResultsDep = Annotated[JobResults, Depends(get_job_results)]

@@ -9,8 +9,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from models.errors import (
+    ImageNotFound,
     InvalidRequest,
     JobCancelled,
+    JobFinished,
+    JobNotFound,
     ModelNotFound,
     ModelUnavailable,
     NotReady,
@@ -29,6 +32,9 @@ STATUS_BY_ERROR: dict[type[SdserveError], int] = {
     JobCancelled: 409,
     ModelUnavailable: 503,
     NotReady: 503,
+    JobNotFound: 404,
+    ImageNotFound: 404,
+    JobFinished: 409,
 }
 
 

@@ -43,6 +43,10 @@ class GenerationBody(BaseModel):
     model: str | None = Field(None, description="Registry name of the base model; default SDSERVE_DEFAULT_MODEL.")
     scheduler: str | None = Field(None, description="Scheduler name (see GET /health); default: the model's.")
     output_format: OutputFormat = Field("png", description="Encoding of the returned images.")
+    save: bool | None = Field(
+        None, description="Save the images as PNG with their parameters and list them in GET /images; "
+        "default SDSERVE_SAVE_IMAGES.",
+    )
 
     @field_validator("seed")
     @classmethod
@@ -114,11 +118,12 @@ class GenerationResponse(BaseModel):
     parameters: Parameters
     timings: dict[str, float] = Field(description="Seconds: queued, inference, encoding, total.")
     job_id: str
+    cached: bool = Field(False, description="Answered from the result cache (same request and explicit seed).")
 
     @classmethod
     def build(
         cls, body: GenerationBody, task: Task, job_id: str, result: GenerationResult, images: list[str],
-        timings: dict[str, float],
+        timings: dict[str, float], cached: bool = False,
     ) -> GenerationResponse:
         parameters = Parameters(
             task=task,
@@ -135,7 +140,7 @@ class GenerationResponse(BaseModel):
             output_format=body.output_format,
         )
         return cls(images=images, seeds=result.seeds, model=result.model, parameters=parameters,
-                   timings=timings, job_id=job_id)
+                   timings=timings, job_id=job_id, cached=cached)
 
 
 class ModelInfo(BaseModel):

@@ -63,6 +63,7 @@ class GenerationResult:
 
 
 StepCallback = Callable[[int, int], None]
+LatentsCallback = Callable[[int, torch.Tensor], None]
 
 
 def check_limits(request: GenerationRequest, settings: Settings) -> None:
@@ -110,6 +111,7 @@ def generate(
     request: GenerationRequest,
     on_step: StepCallback,
     is_cancelled: Callable[[], bool],
+    on_latents: LatentsCallback | None = None,
 ) -> GenerationResult:
     started = time.perf_counter()
     on_step = metrics.StepMeter(model.name, on_step)
@@ -127,9 +129,13 @@ def generate(
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
 
     def step_end(pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        if on_latents is not None and "latents" in tensors:
+            on_latents(step + 1, tensors["latents"])
         on_step(step + 1, pipe.num_timesteps)
         if is_cancelled():
-            pipe._interrupt = True
+            # Raising from the step hook stops at once; the interrupt flag would still run the remaining loop
+            # and the VAE decode (a second or more on CPU) for an image nobody wants.
+            raise JobCancelled("cancelled")
         return tensors
 
     arguments: dict[str, Any] = {

@@ -39,3 +39,17 @@ class JobCancelled(SdserveError):
 
 class NotReady(SdserveError):
     """The engine is starting or shutting down."""
+
+
+class JobNotFound(SdserveError):
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        super().__init__(f"no job {job_id!r}")
+
+
+class JobFinished(SdserveError):
+    """The job already finished, so it cannot be cancelled."""
+
+
+class ImageNotFound(SdserveError):
+    """No saved image with that id, or its file is gone."""

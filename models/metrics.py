@@ -1,16 +1,22 @@
 """Prometheus metrics of the engine: jobs, denoising throughput, model and adapter loads and switches.
 
-The engine calls the small functions below at the moment things happen; GET /metrics (api/) renders the default
-prometheus_client registry. Metric objects are process-wide, as prometheus_client intends: several apps in one
-process (tests) add to the same counters, so tests compare before and after.
+The pipeline cache and the engine call the small functions below when things happen; jobs are counted from
+their events by a worker observer (JobMetrics); GET /metrics (api/) renders the default prometheus_client
+registry. Metric objects are process-wide, as prometheus_client intends: several apps in one process (tests)
+add to the same counters, so tests compare before and after.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from models.worker import Job, JobEvent
 
 PREFIX = "sdserve"
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -48,20 +54,31 @@ ADAPTER_SWITCHES = Counter(
 )
 
 # -- jobs ---------------------------------------------------------------------------------------------------------
-def job_submitted(task: str) -> None:
-    JOBS_SUBMITTED.labels(task=task).inc()
+class JobMetrics:
+    """A worker observer (`worker.add_observer`): counts jobs from their events.
 
+    Called on the thread that caused the event, under the job's event lock: it only touches counters.
+    """
 
-def job_started() -> None:
-    JOBS_RUNNING.inc()
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[str, float] = {}  # job id -> when it started
 
-
-def job_finished(status: str, *, was_running: bool, task: str, run_seconds: float | None = None) -> None:
-    JOBS_FINISHED.labels(status=status).inc()
-    if was_running:
-        JOBS_RUNNING.dec()
-    if run_seconds is not None:
-        JOB_SECONDS.labels(task=task).observe(run_seconds)
+    def __call__(self, job: Job, event: JobEvent) -> None:
+        task = job.request.task
+        if event.kind == "queued" and event.seq == 1:  # later `queued` events only move it up the queue
+            JOBS_SUBMITTED.labels(task=task).inc()
+        elif event.kind == "started":
+            with self._lock:
+                self._running[job.id] = event.at
+                JOBS_RUNNING.set(len(self._running))
+        elif event.terminal:
+            JOBS_FINISHED.labels(status=job.state.value).inc()
+            with self._lock:
+                started_at = self._running.pop(job.id, None)
+                JOBS_RUNNING.set(len(self._running))
+            if started_at is not None:
+                JOB_SECONDS.labels(task=task).observe(event.at - started_at)
 
 
 def queue_state(depth: int, capacity: int) -> None:

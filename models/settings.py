@@ -59,6 +59,19 @@ class Settings(BaseSettings):
         if level not in LOG_LEVELS:
             raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
         return level
+    data_dir: Path = Field(Path("data"), description="Server state: the SQLite database of jobs and images.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of the jobs/images database; default sqlite:///DATA_DIR/sdserve.db."
+    )
+    save_images: bool = Field(
+        True, description="Save generated images as PNG (with their parameters) under OUTPUT_DIR/images."
+    )
+    result_cache_size: int = Field(
+        32, ge=0, description="Results of deterministic requests (explicit seed) kept in memory; 0 disables."
+    )
+    preview_every: int = Field(
+        5, ge=0, description="A small JPEG preview in every Nth progress event of a watched job; 0 disables."
+    )
 
     @field_validator("max_width", "max_height")
     @classmethod
@@ -66,6 +79,11 @@ class Settings(BaseSettings):
         if value % 8:
             raise ValueError(f"must be a multiple of 8, got {value}")
         return value
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'sdserve.db').resolve()}"
 
 
 @lru_cache

@@ -2,6 +2,10 @@
 
 Requests wait in a bounded queue (a full queue refuses at once); the worker takes one job at a time,
 reports per-step progress on the job and honours cancellation between steps.
+
+Every change of a job is also an event (queued, started, progress, then exactly one of done, error or
+cancelled). Listeners subscribe per job (a progress stream) or per worker (observers: the database recorder,
+metrics); they are called on the thread that caused the event, in order, and must return at once.
 """
 
 from __future__ import annotations
@@ -17,16 +21,17 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from models import metrics
 from models.engine import GenerationRequest, GenerationResult, check_limits, generate
 from models.errors import JobCancelled, NotReady, QueueFull, SdserveError
 from models.logcontext import current_request_id, log_context
 from models.pipelines import PipelineCache
+from models.previews import LatentPreviewer
 from models.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 FINISHED_JOBS_KEPT = 500
+TERMINAL_EVENTS = frozenset({"done", "error", "cancelled"})
 
 
 class JobState(str, Enum):
@@ -46,6 +51,25 @@ class WorkerState(str, Enum):
     stopped = "stopped"
 
 
+@dataclass(frozen=True)
+class JobEvent:
+    """One change of a job. `data` of `done` holds the GenerationResult; `progress` may hold preview JPEG bytes."""
+
+    job_id: str
+    kind: str  # queued, started, progress, done, error, cancelled
+    seq: int
+    data: dict[str, Any]
+    at: float = field(default_factory=time.time)
+
+    @property
+    def terminal(self) -> bool:
+        return self.kind in TERMINAL_EVENTS
+
+
+JobListener = Callable[[JobEvent], None]
+JobObserver = Callable[["Job", JobEvent], None]
+
+
 @dataclass
 class Job:
     request: GenerationRequest
@@ -60,10 +84,62 @@ class Job:
     future: Future[GenerationResult] = field(default_factory=Future, repr=False)
     cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
     request_id: str | None = field(default_factory=current_request_id)
+    result: GenerationResult | None = field(default=None, repr=False)
+    context: dict[str, Any] = field(default_factory=dict, repr=False)  # the caller's; the worker never reads it
+    _event_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _listeners: list[JobListener] = field(default_factory=list, init=False, repr=False)
+    _observers: list[JobObserver] = field(default_factory=list, init=False, repr=False)
+    _latest: dict[str, JobEvent] = field(default_factory=dict, init=False, repr=False)
+    _seq: int = field(default=0, init=False, repr=False)
 
     @property
     def done(self) -> bool:
         return self.state not in (JobState.queued, JobState.running)
+
+    @property
+    def watched(self) -> bool:
+        """Someone follows this job's progress (worth drawing previews for)."""
+        return bool(self._listeners)
+
+    def emit(self, kind: str, **data: Any) -> JobEvent | None:
+        """Record an event and tell every listener, in order. Nothing follows a terminal event."""
+        with self._event_lock:
+            if "terminal" in self._latest:
+                return None
+            self._seq += 1
+            event = JobEvent(self.id, kind, self._seq, {"status": self.state.value, **data})
+            self._latest["terminal" if event.terminal else kind] = event
+            for observer in self._observers:
+                _call_safely(observer, self, event)
+            for listener in self._listeners:
+                _call_safely(listener, event)
+            return event
+
+    def subscribe(self, listener: JobListener) -> list[JobEvent]:
+        """Follow this job; returns the events that describe its current state, to replay before new ones.
+
+        Queued: [queued]. Running: [started, latest progress]. Finished: [done | error | cancelled].
+        Taken under the same lock as emit, so nothing is missed or seen twice between replay and live events.
+        """
+        with self._event_lock:
+            if "terminal" in self._latest:
+                return [self._latest["terminal"]]
+            self._listeners.append(listener)
+            if "started" in self._latest:
+                return [self._latest[kind] for kind in ("started", "progress") if kind in self._latest]
+            return [self._latest["queued"]] if "queued" in self._latest else []
+
+    def unsubscribe(self, listener: JobListener) -> None:
+        with self._event_lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+
+def _call_safely(function: Callable[..., None], *arguments: Any) -> None:
+    try:
+        function(*arguments)
+    except Exception:
+        logger.exception("a job event listener failed; the job goes on")
 
 
 @dataclass
@@ -87,6 +163,8 @@ class GenerationWorker:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="generation-worker", daemon=True)
         self._recent_seconds: deque[float] = deque(maxlen=20)
+        self._observers: list[JobObserver] = []
+        self._previewer = LatentPreviewer()
 
     # -- public, called from any thread --------------------------------------------------------------------
     def start(self) -> None:
@@ -97,7 +175,8 @@ class GenerationWorker:
             self._stopping = True
             for item in self._pending:
                 if isinstance(item, Job):
-                    self._finish(item, JobState.cancelled, error="the server is shutting down")
+                    self._finish(item, JobState.interrupted, error="the server is shutting down",
+                                 exception=NotReady("the server is shutting down"))
                 else:
                     item.future.set_exception(NotReady("the server is shutting down"))
             self._pending.clear()
@@ -108,9 +187,15 @@ class GenerationWorker:
             self._thread.join(timeout)
         self.state = WorkerState.stopped
 
-    def submit(self, request: GenerationRequest) -> Job:
+    def add_observer(self, observer: JobObserver) -> None:
+        """Call `observer(job, event)` for every event of every job from now on (quick, non-blocking)."""
+        with self._condition:
+            self._observers.append(observer)
+
+    def submit(self, request: GenerationRequest, context: dict[str, Any] | None = None) -> Job:
         check_limits(request, self.settings)
-        job = Job(request=request)
+        job = Job(request=request, context=context or {})
+        job._observers = self._observers
         with self._condition:
             if self._stopping:
                 raise NotReady("the server is shutting down")
@@ -119,9 +204,24 @@ class GenerationWorker:
                 raise QueueFull(waiting, self._retry_after(waiting))
             self._pending.append(job)
             self._remember(job)
+            # Under the lock, so "queued" is always the first event, before the worker can start the job.
+            job.emit("queued", position=waiting + 1)
             self._condition.notify()
-        metrics.job_submitted(request.task)
         logger.info("job %s queued: %s on %s", job.id, request.task, request.model)
+        return job
+
+    def add_finished(
+        self, request: GenerationRequest, result: GenerationResult, context: dict[str, Any] | None = None
+    ) -> Job:
+        """A job answered without the device (the result cache): recorded and reported like any other."""
+        job = Job(request=request, context=context or {})
+        job._observers = self._observers
+        job.started_at = job.created_at
+        job.step = job.total_steps = result.steps
+        with self._condition:
+            self._remember(job)
+        self._finish(job, JobState.succeeded, result=result)
+        logger.info("job %s answered from the result cache", job.id)
         return job
 
     def call(self, function: Callable[[PipelineCache], Any]) -> Future[Any]:
@@ -144,6 +244,7 @@ class GenerationWorker:
             if job in self._pending:
                 self._pending.remove(job)
                 self._finish(job, JobState.cancelled, error="cancelled")
+                self._announce_positions()
         logger.info("job %s cancel requested", job_id)
         return job
 
@@ -175,6 +276,7 @@ class GenerationWorker:
                 item = self._pending.popleft()
                 if isinstance(item, Job):
                     self._current = item
+                    self._announce_positions()
             if isinstance(item, _Call):
                 self._run_call(item)
             else:
@@ -208,18 +310,19 @@ class GenerationWorker:
     def _run_job(self, job: Job) -> None:
         job.state = JobState.running
         job.started_at = time.time()
-        metrics.job_started()
+        job.emit("started")
         request = job.request
         model_name = request.model or self.settings.default_model
         try:
             pipeline, model = self.cache.get(model_name, request.task)
-
-            def on_step(step: int, total: int) -> None:
-                job.step, job.total_steps = step, total
-
-            result = generate(pipeline, model, request, on_step, job.cancel_requested.is_set)
+            on_step, on_latents = self._progress_hooks(job, pipeline)
+            result = generate(pipeline, model, request, on_step, job.cancel_requested.is_set, on_latents=on_latents)
         except JobCancelled:
-            self._finish(job, JobState.cancelled, error="cancelled")
+            if self._stopping:
+                self._finish(job, JobState.interrupted, error="the server is shutting down",
+                             exception=NotReady("the server is shutting down"))
+            else:
+                self._finish(job, JobState.cancelled, error="cancelled")
             return
         except SdserveError as error:
             self._finish(job, JobState.failed, error=str(error), exception=error)
@@ -243,12 +346,18 @@ class GenerationWorker:
         error: str | None = None,
         exception: BaseException | None = None,
     ) -> None:
-        run_seconds = time.time() - job.started_at if job.started_at is not None else None
-        metrics.job_finished(state.value, was_running=job.state is JobState.running, task=job.request.task,
-                             run_seconds=run_seconds)
         job.state = state
         job.error = error
         job.finished_at = time.time()
+        job.result = result
+        # Before the future resolves, so observers (the result cache, the recorder) have seen the result by the
+        # time a waiting client gets its answer.
+        if state is JobState.succeeded:
+            job.emit("done", result=result)
+        elif state is JobState.cancelled:
+            job.emit("cancelled", detail=error or "cancelled")
+        else:
+            job.emit("error", detail=error or "failed")
         if job.future.done():
             return
         if state is JobState.succeeded:
@@ -257,6 +366,30 @@ class GenerationWorker:
             job.future.set_exception(JobCancelled(error or "cancelled"))
         else:
             job.future.set_exception(exception or SdserveError(error or "failed"))
+
+    def _progress_hooks(self, job: Job, pipeline: Any) -> tuple[Callable[[int, int], None], Callable[[int, Any], None]]:
+        """Step callbacks: every step a progress event; every Nth step of a watched job, a latent preview."""
+        preview: dict[str, bytes] = {}
+
+        def on_latents(step: int, latents: Any) -> None:
+            every = self.settings.preview_every
+            if every and step % every == 0 and job.watched:
+                jpeg = self._previewer.jpeg(pipeline, latents)
+                if jpeg is not None:
+                    preview["jpeg"] = jpeg
+
+        def on_step(step: int, total: int) -> None:
+            job.step, job.total_steps = step, total
+            extra = {"preview": preview.pop("jpeg")} if "jpeg" in preview else {}
+            job.emit("progress", step=step, total_steps=total, **extra)
+
+        return on_step, on_latents
+
+    def _announce_positions(self) -> None:
+        """Tell each waiting job its new place in the queue (called with the condition held)."""
+        waiting = [item for item in self._pending if isinstance(item, Job)]
+        for position, job in enumerate(waiting, start=1):
+            job.emit("queued", position=position)
 
     def _remember(self, job: Job) -> None:
         self._jobs[job.id] = job

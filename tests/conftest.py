@@ -31,6 +31,7 @@ def settings(tmp_path: Path, model_cache: Path) -> Settings:
         registry_path=tmp_path / "registry.yaml",
         cache_dir=model_cache,
         output_dir=tmp_path / "outputs",
+        data_dir=tmp_path / "data",
         device="cpu",
     )
 
@@ -57,6 +58,7 @@ def server_env(tmp_path: Path, model_cache: Path, **extra: str) -> dict[str, str
         SDSERVE_REGISTRY_PATH=str(tmp_path / "registry.yaml"),
         SDSERVE_CACHE_DIR=str(model_cache),
         SDSERVE_OUTPUT_DIR=str(tmp_path / "outputs"),
+        SDSERVE_DATA_DIR=str(tmp_path / "data"),
         SDSERVE_DEVICE="cpu",
         PYTHONPATH=str(ROOT),
     )

@@ -1,4 +1,7 @@
-"""POST /text2img, /img2img, /inpainting: validate, queue, wait, encode."""
+"""POST /text2img, /img2img, /inpainting: validate, queue, wait, encode.
+
+They queue through the same JobService as POST /jobs, so they are recorded, cached and cancellable alike.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +11,12 @@ import time
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import WorkerDep
+from api.deps import WorkerDep, get_jobs
 from api.images import encode_images
 from api.schemas import GenerationBody, GenerationResponse, Img2ImgBody, InpaintingBody, Task, Text2ImgBody
 from models.engine import GenerationResult
 from models.errors import JobCancelled
+from models.jobs import JobOptions, JobService
 from models.worker import GenerationWorker, Job
 
 router = APIRouter(tags=["generation"])
@@ -31,18 +35,27 @@ async def wait_for_job(job: Job, request: Request, worker: GenerationWorker) -> 
             raise JobCancelled("the client disconnected")
 
 
+def submit_body(jobs: JobService, body: GenerationBody, source: str) -> Job:
+    """Queue a native body. Run it in a thread pool: it hashes input images and reads the registry."""
+    options = JobOptions(
+        save=body.save, explicit_seed=body.seed is not None, output_format=body.output_format, source=source
+    )
+    return jobs.submit(body.to_domain(), options)  # type: ignore[attr-defined]
+
+
 async def run_generation(
     body: GenerationBody, task: Task, request: Request, worker: GenerationWorker
 ) -> GenerationResponse:
     received = time.perf_counter()
-    job = worker.submit(body.to_domain())  # type: ignore[attr-defined]
+    jobs = get_jobs(request)
+    job = await run_in_threadpool(submit_body, jobs, body, request.url.path)
     result = await wait_for_job(job, request, worker)
     encoding_started = time.perf_counter()
     images = await run_in_threadpool(encode_images, result.images, body.output_format)
     timings = dict(result.timings)
     timings["encoding_s"] = round(time.perf_counter() - encoding_started, 4)
     timings["total_s"] = round(time.perf_counter() - received, 4)
-    return GenerationResponse.build(body, task, job.id, result, images, timings)
+    return GenerationResponse.build(body, task, job.id, result, images, timings, cached=jobs.is_cached(job))
 
 
 @router.post("/text2img", response_model=GenerationResponse, summary="Generate images from a prompt")

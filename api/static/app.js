@@ -1,4 +1,5 @@
-// The sdserve page: a form over POST /jobs, progress from GET /jobs/{id}/events, a gallery from GET /images.
+// The sdserve page: a form over POST /jobs, progress from GET /jobs/{id}/events, a gallery from GET /images
+// (limit/offset paging, filter by model or prompt text).
 // Plain browser JavaScript, no build step. Text from the server is only ever set with textContent.
 "use strict";
 
@@ -15,6 +16,7 @@ const state = {
   pollTimer: null,
   inputImage: null, // data URL of the image img2img / inpainting starts from
   strengthTouched: false,
+  submittedAt: 0,
   galleryPage: 1,
   galleryPages: 1,
 };
@@ -49,9 +51,10 @@ async function api(path, options = {}) {
   return body;
 }
 
+// Base64 image text (the API's images and previews) as something an <img> can show. Not a URL test: base64
+// of a JPEG starts with "/9j/".
 function imageSource(data, format = "png") {
-  return data.startsWith("data:") || data.startsWith("/") || data.startsWith("http") ? data
-    : `data:image/${format};base64,${data}`;
+  return data.startsWith("data:") ? data : `data:image/${format};base64,${data}`;
 }
 
 // -- server state: health, models, schedulers, stats -----------------------------------------------------------
@@ -330,6 +333,7 @@ async function generate(event) {
   stopFollowing();
   setBusy(true);
   setStatus("Submitting…");
+  state.submittedAt = performance.now();
   setProgress(null);
   $("results").replaceChildren();
   $("preview").hidden = true;
@@ -372,7 +376,7 @@ function follow(job) {
     setStatus(`Step ${data.step} of ${data.total_steps}`);
     setProgress(data.step, data.total_steps);
     if (data.preview) {
-      $("preview").src = imageSource(data.preview);
+      $("preview").src = imageSource(data.preview, "jpeg");
       $("preview").hidden = false;
     }
   });
@@ -432,10 +436,20 @@ function finish(status) {
 function succeeded(result) {
   const bar = $("progress");
   setProgress(Number(bar.max) || 1, Number(bar.max) || 1);
-  finish(`Done in ${result.timings && result.timings.total_s ? result.timings.total_s.toFixed(1) + " s" : "—"}.`);
+  const seconds = (performance.now() - state.submittedAt) / 1000;
+  finish(`Done in ${seconds.toFixed(1)} s${result.cached ? " (from the result cache)" : ""}.`);
   $("preview").hidden = true;
   showResults(result);
-  loadGallery(1);
+  refreshGalleryWith(result.job_id);
+}
+
+// The server writes image files and their records just after a job ends: look again a few times until they show.
+async function refreshGalleryWith(jobId, attempts = 20) {
+  for (let attempt = 0; attempt < attempts; attempt++) {
+    const items = await loadGallery(1);
+    if (!items || items.some((item) => item.job_id === jobId)) return;
+    await new Promise((resolve) => setTimeout(resolve, 500));
+  }
 }
 
 function showResults(result) {
@@ -499,10 +513,11 @@ async function cancel() {
 
 // -- the gallery -----------------------------------------------------------------------------------------------
 async function loadGallery(page = state.galleryPage) {
-  const parameters = new URLSearchParams({ page, page_size: GALLERY_PAGE_SIZE });
+  page = Math.max(1, page);
+  const parameters = new URLSearchParams({ limit: GALLERY_PAGE_SIZE, offset: (page - 1) * GALLERY_PAGE_SIZE });
   const query = $("gallery-q").value.trim();
   const model = $("gallery-model").value;
-  if (query) parameters.set("q", query);
+  if (query) parameters.set("prompt", query);
   if (model) parameters.set("model", model);
   const empty = $("gallery-empty");
   let data;
@@ -511,18 +526,17 @@ async function loadGallery(page = state.galleryPage) {
   } catch (error) {
     empty.textContent = error.status === 404 ? "This server keeps no image gallery." : `Could not load images: ${error.message}`;
     empty.hidden = false;
-    return;
+    return null;
   }
-  const items = data.items || data.images || [];
-  const total = data.total ?? items.length;
-  state.galleryPage = data.page || page;
-  state.galleryPages = data.pages || Math.max(1, Math.ceil(total / (data.page_size || GALLERY_PAGE_SIZE)));
+  const items = data.images || [];
+  state.galleryPage = page;
+  state.galleryPages = Math.max(1, Math.ceil(data.total / GALLERY_PAGE_SIZE));
   const tiles = items.map((item) => {
     const link = document.createElement("a");
     link.href = item.url || `/images/${item.id}`;
     link.target = "_blank";
     link.rel = "noopener";
-    link.title = [item.prompt, item.seed !== undefined ? `seed ${item.seed}` : "", item.model].filter(Boolean).join(" · ");
+    link.title = [item.prompt, `seed ${item.seed}`, item.model, `${item.width}x${item.height}`].join(" · ");
     const image = document.createElement("img");
     image.src = link.href;
     image.alt = item.prompt || "generated image";
@@ -539,6 +553,7 @@ async function loadGallery(page = state.galleryPage) {
   $("gallery-page").textContent = `page ${state.galleryPage} of ${state.galleryPages}`;
   $("gallery-prev").disabled = state.galleryPage <= 1;
   $("gallery-next").disabled = state.galleryPage >= state.galleryPages;
+  return items;
 }
 
 // -- wiring ----------------------------------------------------------------------------------------------------

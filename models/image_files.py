@@ -1,0 +1,152 @@
+"""Saved images: PNG files that carry their own generation parameters.
+
+Each PNG has two text chunks:
+- `parameters`: the AUTOMATIC1111 text ("prompt\\nNegative prompt: ...\\nSteps: N, Sampler: ..., CFG scale: ...,
+  Seed: ..., Size: WxH, Model: ..."), which image viewers, civitai and A1111's "PNG info" tab read;
+- `sdserve`: JSON whose `request` is the native API body that makes this image again (POST it to /jobs, or to
+  /text2img etc. without `task`); img2img and inpainting inputs are not embedded, only their digests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from models.engine import GenerationRequest, GenerationResult
+
+PARAMETERS_CHUNK = "parameters"
+SDSERVE_CHUNK = "sdserve"
+METADATA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class AdapterUse:
+    """A LoRA (or other adapter) applied to a generation, with its hash when the registry knows it."""
+
+    name: str
+    scale: float | None = None
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class SavedImage:
+    path: Path
+    sha256: str
+    size_bytes: int
+
+
+def reproduction_body(
+    request: GenerationRequest, result: GenerationResult, index: int, loras: list[AdapterUse]
+) -> dict[str, Any]:
+    """The native API request that makes image `index` of `result` alone (its own seed, one image)."""
+    body: dict[str, Any] = {
+        "task": request.task,
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "model": result.model,
+        "width": result.width,
+        "height": result.height,
+        "steps": result.steps,
+        "cfg_scale": result.guidance_scale,
+        "seed": result.seeds[index],
+        "number_of_images": 1,
+        "scheduler": request.scheduler,
+    }
+    if request.task != "text2img":
+        body["strength"] = result.strength
+    if loras:
+        body["loras"] = [{"name": lora.name, "scale": lora.scale} for lora in loras]
+    return body
+
+
+def a1111_parameters(
+    request: GenerationRequest,
+    result: GenerationResult,
+    index: int,
+    model_sha256: str | None,
+    loras: list[AdapterUse],
+) -> str:
+    """The `parameters` text AUTOMATIC1111 writes, so tools that read A1111 PNGs understand ours."""
+    prompt = request.prompt
+    if loras:
+        prompt += " " + " ".join(f"<lora:{lora.name}:{lora.scale if lora.scale is not None else 1}>" for lora in loras)
+    lines = [prompt]
+    if request.negative_prompt:
+        lines.append(f"Negative prompt: {request.negative_prompt}")
+    fields: list[tuple[str, Any]] = [
+        ("Steps", result.steps),
+        ("Sampler", result.scheduler),
+        ("CFG scale", result.guidance_scale),
+        ("Seed", result.seeds[index]),
+        ("Size", f"{result.width}x{result.height}"),
+    ]
+    if model_sha256:
+        fields.append(("Model hash", model_sha256[:10]))
+    fields.append(("Model", result.model))
+    if result.strength is not None:
+        fields.append(("Denoising strength", result.strength))
+    hashed = [lora for lora in loras if lora.sha256]
+    if hashed:
+        fields.append(("Lora hashes", '"' + ", ".join(f"{lora.name}: {lora.sha256[:12]}" for lora in hashed) + '"'))
+    fields.append(("Version", "sdserve"))
+    lines.append(", ".join(f"{name}: {value}" for name, value in fields))
+    return "\n".join(lines)
+
+
+def sdserve_metadata(
+    request: GenerationRequest, result: GenerationResult, index: int, model_sha256: str | None,
+    loras: list[AdapterUse], job_id: str,
+) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
+        "version": METADATA_VERSION,
+        "request": reproduction_body(request, result, index, loras),
+        "model_sha256": model_sha256,
+        "job_id": job_id,
+        "index": index,
+    }
+    if request.image is not None:
+        metadata["image_digest"] = image_digest(request.image)
+    if request.mask_image is not None:
+        metadata["mask_image_digest"] = image_digest(request.mask_image)
+    return metadata
+
+
+def save_png(image: Image.Image, path: Path, parameters: str, metadata: dict[str, Any]) -> SavedImage:
+    """Write the PNG with both chunks atomically (temp file + rename); returns its sha256 and size."""
+    info = PngInfo()
+    info.add_text(PARAMETERS_CHUNK, parameters)
+    info.add_text(SDSERVE_CHUNK, json.dumps(metadata, ensure_ascii=False, separators=(",", ":")))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".saving-", suffix=".png")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            image.save(handle, format="PNG", pnginfo=info)
+        data = Path(temporary).read_bytes()
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return SavedImage(path=path, sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
+
+
+def read_metadata(path: Path) -> tuple[str | None, dict[str, Any] | None]:
+    """The `parameters` text and the `sdserve` JSON of a saved PNG (None where absent)."""
+    with Image.open(path) as image:
+        text = getattr(image, "text", {}) or {}
+    raw = text.get(SDSERVE_CHUNK)
+    return text.get(PARAMETERS_CHUNK), json.loads(raw) if raw else None
+
+
+def image_digest(image: Image.Image) -> str:
+    """sha256 of the decoded pixels (mode and size included): equal for the same picture in any encoding."""
+    digest = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
