@@ -123,6 +123,30 @@ def test_metrics_count_jobs_steps_and_model_loads(client):
     assert value(after, "sdserve_queue_capacity") == client.app.state.settings.queue_size
 
 
+def test_metrics_show_queue_depth_running_and_cancelled_jobs(client):
+    before = scrape(client)
+    slow = {"task": "text2img", "prompt": "slow", "steps": 150, "width": 256, "height": 256}
+    running = client.post("/jobs", json=slow).json()["id"]
+    waiting = client.post("/jobs", json=slow).json()["id"]
+    deadline = time.monotonic() + 60
+    while client.get(f"/jobs/{running}").json()["status"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    during = scrape(client)
+    for job_id in (waiting, running):
+        assert client.delete(f"/jobs/{job_id}").status_code in (200, 202)
+    while client.get(f"/jobs/{running}").json()["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = scrape(client)
+    assert value(during, "sdserve_queue_depth") == 1
+    assert value(during, "sdserve_jobs_running") == 1
+    assert value(after, "sdserve_queue_depth") == 0
+    assert value(after, "sdserve_jobs_running") == 0
+    assert value(after, "sdserve_jobs_finished_total", status="cancelled") == value(
+        before, "sdserve_jobs_finished_total", status="cancelled") + 2
+    assert value(after, "sdserve_jobs_submitted_total", task="text2img") == value(
+        before, "sdserve_jobs_submitted_total", task="text2img") + 2
+
+
 def test_metrics_count_model_switches_and_evictions(client):
     registered = client.post("/models", json={"name": "demo-copy", "kind": "base", "source": "demo:tiny"})
     assert registered.status_code == 201, registered.text
