@@ -189,3 +189,18 @@ def test_page_inpaints_the_area_painted_with_the_mouse(page, server, tmp_path):
     assert np.array_equal(result[:, :40], original[:, :40])
     assert np.abs(result[:, 90:110] - original[:, 90:110]).mean() > 5
     screenshot(page, "ui-inpainting.png")
+
+
+def test_page_shows_the_servers_reason_for_a_bad_request(page):
+    fill_common(page, "a fox", steps=4, seed=1, size=64)
+    page.fill("#width", "100")  # not a multiple of 8: the API answers 422 and says which field
+    page.click("#generate")
+    sync_api.expect(page.locator("#error")).to_contain_text("width")
+    sync_api.expect(page.locator("#error")).to_contain_text("multiple of 8")
+    assert page.is_enabled("#generate") and not page.is_enabled("#cancel")
+
+    # A task that needs an image says so before anything is sent.
+    page.check("input[name=task][value=img2img]")
+    page.fill("#width", "")
+    page.click("#generate")
+    sync_api.expect(page.locator("#error")).to_have_text("Choose an input image for img2img.")
