@@ -12,6 +12,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     SDSERVE_CACHE_DIR=/cache/sdserve \
     SDSERVE_OUTPUT_DIR=/data/outputs \
     SDSERVE_REGISTRY_PATH=/data/registry.yaml \
+    SDSERVE_DATA_DIR=/data \
     SDSERVE_SYSTEM_PYTHON=1 \
     PORT=8000
 

@@ -11,7 +11,17 @@ from fastapi import FastAPI
 from api.errors import register_error_handlers
 from api.job_views import JobResults
 from api.observability import MetricsMiddleware, RequestIdMiddleware
-from api.routes import generation, images, jobs, models, observability, system
+from api.routes import (
+    compat_a1111,
+    compat_openai,
+    compat_seeds,
+    generation,
+    images,
+    jobs,
+    models,
+    observability,
+    system,
+)
 from api.routes.ui import mount_page
 from models.device import select_device
 from models.jobs import JobService
@@ -64,6 +74,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(images.router)
     app.include_router(models.router)
     app.include_router(system.router)
+    app.include_router(compat_seeds.router)
+    app.include_router(compat_openai.router)
+    app.include_router(compat_a1111.router)
     app.include_router(observability.router)
     mount_page(app)
     # Added last = outermost: the request id is set before metrics and everything else run.

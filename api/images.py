@@ -31,6 +31,11 @@ def decode_image(value: Any) -> Image.Image:
         raw = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError) as error:
         raise ValueError("is not valid base64") from error
+    return image_from_bytes(raw)
+
+
+def image_from_bytes(raw: bytes) -> Image.Image:
+    """Open and fully load an uploaded image; ValueError (a 422) when it is empty, huge or not an image."""
     if not raw:
         raise ValueError("is empty")
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import logging
 from collections import OrderedDict
 from pathlib import Path
@@ -109,16 +108,14 @@ class JobResults:
         return response
 
     def _read_images(self, images: list[ImageRecord], output_format: str) -> list[str]:
-        encoded = []
+        # Re-encoded from the pixels (not the file, which also carries metadata), so the answer is the same
+        # bytes the job gave before the restart.
+        pictures = []
         for record in images:
-            data = image_path(self.output_dir, record).read_bytes()
-            if output_format == "png":
-                encoded.append(base64.b64encode(data).decode("ascii"))
-            else:
-                with Image.open(io.BytesIO(data)) as image:
-                    image.load()
-                    encoded.extend(encode_images([image], output_format))  # type: ignore[arg-type]
-        return encoded
+            with Image.open(image_path(self.output_dir, record)) as image:
+                image.load()
+                pictures.append(image.copy())
+        return encode_images(pictures, output_format)  # type: ignore[arg-type]
 
 
 def image_path(output_dir: Path, record: ImageRecord) -> Path:

@@ -1,9 +1,9 @@
 """The database of jobs and images, through SQLAlchemy: SQLite in the data folder by default, any URL by setting.
 
-The schema is owned by Alembic (migrations/ at the repository root); `Store` upgrades the database to the
-latest revision when it opens it, so a new release's tables appear on start-up. Every method opens its own short
-session and returns detached rows, so it can be called from any thread (the recorder thread writes, request
-handlers read through a thread pool).
+The schema is owned by Alembic (models/migrations, shipped inside the package so installed copies have it);
+`Store` upgrades the database to the latest revision when it opens it, so a new release's tables appear on
+start-up. Every method opens its own short session and returns detached rows, so it can be called from any
+thread (the recorder thread writes, request handlers read through a thread pool).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship,
 
 logger = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 UNFINISHED = ("queued", "running")
 
 

@@ -260,6 +260,10 @@ class GenerationWorker:
             jobs = [item for item in self._pending if isinstance(item, Job)]
             return jobs.index(job) + 1 if job in jobs else None
 
+    def current_job(self) -> Job | None:
+        with self._condition:
+            return self._current
+
     def queue_depth(self) -> int:
         with self._condition:
             return sum(isinstance(item, Job) for item in self._pending)

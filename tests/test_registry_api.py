@@ -35,3 +35,21 @@ def test_unknown_builtin_is_503(client):
     client.post("/models", json={"name": "weird", "source": "demo:unknown"})
     response = client.post("/text2img", json={"prompt": "x", "model": "weird", "steps": 2})
     assert response.status_code == 503 and "demo:tiny" in response.json()["detail"]
+
+
+def test_local_diffusers_folder_serves_like_the_builtin(client, settings, tmp_path):
+    """The path real checkpoints take: a folder with model_index.json, registered by path."""
+    import shutil
+
+    from models.demo import ensure_builtin
+
+    folder = shutil.copytree(ensure_builtin("tiny", settings.cache_dir), tmp_path / "my-model")
+    assert client.post("/models", json={"name": "local", "source": str(folder)}).status_code == 201
+    body = {"prompt": "x", "steps": 3, "width": 64, "height": 64, "seed": 4}
+    from_folder = client.post("/text2img", json={**body, "model": "local"})
+    assert from_folder.status_code == 200, from_folder.text
+    assert from_folder.json()["images"] == client.post("/text2img", json=body).json()["images"]
+    (folder / "model_index.json").unlink()
+    client.post("/models", json={"name": "broken", "source": str(folder)})
+    broken = client.post("/text2img", json={**body, "model": "broken"})
+    assert broken.status_code == 503 and "no model_index.json" in broken.json()["detail"]

@@ -62,3 +62,31 @@ def wait_until_healthy(base_url: str, timeout_s: float = 120.0) -> dict:
             last_error = error
         time.sleep(0.2)
     raise TimeoutError(f"{base_url} not healthy after {timeout_s}s: {last_error}")
+
+
+def parse_sse(text: str) -> list[tuple[str, dict]]:
+    """(event, data) pairs of a Server-Sent Events body; comments (keep-alive pings) are skipped."""
+    import json
+
+    events = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        kind, data = "message", []
+        for line in block.split("\n"):
+            if line.startswith("event:"):
+                kind = line.removeprefix("event:").strip()
+            elif line.startswith("data:"):
+                data.append(line.removeprefix("data:").strip())
+        if data:
+            events.append((kind, json.loads("\n".join(data))))
+    return events
+
+
+def wait_for(predicate, timeout_s: float = 60.0, interval_s: float = 0.05):
+    """Poll until predicate() is truthy; returns its value or raises TimeoutError."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise TimeoutError(f"condition not met within {timeout_s}s")

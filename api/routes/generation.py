@@ -43,19 +43,26 @@ def submit_body(jobs: JobService, body: GenerationBody, source: str) -> Job:
     return jobs.submit(body.to_domain(), options)  # type: ignore[attr-defined]
 
 
+async def execute(body: GenerationBody, request: Request, worker: GenerationWorker) -> tuple[Job, GenerationResult]:
+    """Queue the body's job and wait for its result: the one path every API surface takes (so every surface
+    is recorded, answered from the result cache when it can be, and cancelled when its client goes away)."""
+    job = await run_in_threadpool(submit_body, get_jobs(request), body, request.url.path)
+    return job, await wait_for_job(job, request, worker)
+
+
 async def run_generation(
     body: GenerationBody, task: Task, request: Request, worker: GenerationWorker
 ) -> GenerationResponse:
     received = time.perf_counter()
-    jobs = get_jobs(request)
-    job = await run_in_threadpool(submit_body, jobs, body, request.url.path)
-    result = await wait_for_job(job, request, worker)
+    job, result = await execute(body, request, worker)
     encoding_started = time.perf_counter()
     images = await run_in_threadpool(encode_images, result.images, body.output_format)
     timings = dict(result.timings)
     timings["encoding_s"] = round(time.perf_counter() - encoding_started, 4)
     timings["total_s"] = round(time.perf_counter() - received, 4)
-    return GenerationResponse.build(body, task, job.id, result, images, timings, cached=jobs.is_cached(job))
+    return GenerationResponse.build(
+        body, task, job.id, result, images, timings, cached=get_jobs(request).is_cached(job)
+    )
 
 
 @router.post("/text2img", response_model=GenerationResponse, summary="Generate images from a prompt")
