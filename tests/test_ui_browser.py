@@ -145,6 +145,7 @@ def test_page_cancels_a_running_job_and_the_worker_is_free_after(page, server):
 
     sync_api.expect(page.locator("#job-status")).to_have_text("Cancelled.")
     assert page.locator("img.result-image").count() == 0
+    assert page.is_hidden("#preview")
     assert page.is_enabled("#generate")
     screenshot(page, "ui-cancelled.png")
 

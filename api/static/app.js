@@ -431,6 +431,7 @@ function finish(status) {
   state.jobId = null;
   setBusy(false);
   setStatus(status);
+  $("preview").hidden = true; // a preview of a job that is over would pass for its result
 }
 
 function succeeded(result) {
@@ -438,7 +439,6 @@ function succeeded(result) {
   setProgress(Number(bar.max) || 1, Number(bar.max) || 1);
   const seconds = (performance.now() - state.submittedAt) / 1000;
   finish(`Done in ${seconds.toFixed(1)} s${result.cached ? " (from the result cache)" : ""}.`);
-  $("preview").hidden = true;
   showResults(result);
   refreshGalleryWith(result.job_id);
 }
