@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.images import encode_images
 from api.job_schemas import ImageInfo, ImageLink, JobInfo, JobLinks
-from api.schemas import GenerationResponse, Parameters
+from api.schemas import GenerationBody, GenerationResponse, Parameters
 from models.engine import GenerationRequest, GenerationResult
 from models.errors import ImageNotFound
 from models.jobs import JobService
@@ -68,8 +68,13 @@ class JobResults:
             return self._responses[job.id]
         service = self.jobs.context_of(job)
         images = await run_in_threadpool(encode_images, job.result.images, service.options.output_format)
-        response = response_from_result(job.id, job.request, job.result, images, service.options.output_format,
-                                        service.cached)
+        body = job.context.get("body")
+        if isinstance(body, GenerationBody):  # the same builder as the synchronous answer
+            response = GenerationResponse.build(body, job.request.task, job.id, job.result, images,
+                                                dict(job.result.timings), cached=service.cached)
+        else:
+            response = response_from_result(job.id, job.request, job.result, images,
+                                            service.options.output_format, service.cached)
         return self._keep(job.id, response)
 
     async def for_record(self, record: JobRecord) -> GenerationResponse | None:

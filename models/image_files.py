@@ -34,6 +34,7 @@ class AdapterUse:
     name: str
     scale: float | None = None
     sha256: str | None = None
+    weight_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,10 @@ def reproduction_body(
     if request.task != "text2img":
         body["strength"] = result.strength
     if loras:
-        body["loras"] = [{"name": lora.name, "scale": lora.scale} for lora in loras]
+        body["loras"] = [
+            {"name": lora.name, "scale": lora.scale} | ({"weight_name": lora.weight_name} if lora.weight_name else {})
+            for lora in loras
+        ]
     return body
 
 

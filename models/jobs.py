@@ -152,8 +152,9 @@ class JobService:
         entries = self.registry.entries()
         model_entry = entries.get(model)
         loras = [
-            AdapterUse(name=name, scale=scale, sha256=entries[name].sha256 if name in entries else None)
-            for name, scale in _adapters_of(request)
+            AdapterUse(name=name, scale=scale, sha256=entries[name].sha256 if name in entries else None,
+                       weight_name=weight_name)
+            for name, scale, weight_name in _adapters_of(request)
         ]
         return _Context(
             options=options,
@@ -328,15 +329,17 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
-def _adapters_of(request: GenerationRequest) -> list[tuple[str, float | None]]:
-    """(name, scale) of the LoRAs a request asks for, whatever shape the request gives them."""
-    found = []
+def _adapters_of(request: GenerationRequest) -> list[tuple[str, float | None, str | None]]:
+    """(name, scale, weight_name) of the LoRAs a request asks for, whatever shape the request gives them."""
+    found: list[tuple[str, float | None, str | None]] = []
     for item in getattr(request, "loras", None) or []:
         if isinstance(item, str):
-            found.append((item, None))
+            found.append((item, None, None))
             continue
         data = item if isinstance(item, dict) else _jsonable(item)
         if isinstance(data, dict) and data.get("name"):
             scale = data.get("scale", data.get("weight"))
-            found.append((str(data["name"]), float(scale) if isinstance(scale, int | float) else None))
+            weight_name = data.get("weight_name")
+            found.append((str(data["name"]), float(scale) if isinstance(scale, int | float) else None,
+                          str(weight_name) if weight_name else None))
     return found

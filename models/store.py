@@ -35,12 +35,18 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, selectinload, sessionmaker
+from sqlalchemy.pool import StaticPool
 
 logger = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 UNFINISHED = ("queued", "running")
+
+
+class StoreUnavailable(RuntimeError):
+    """The database cannot be opened or migrated: the server does not start without it."""
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -130,10 +136,16 @@ def from_timestamp(seconds: float | None) -> datetime | None:
 
 def make_engine(url: str) -> Engine:
     parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, pool_pre_ping=True)
-    if parsed.get_backend_name() == "sqlite":
+    sqlite = parsed.get_backend_name() == "sqlite"
+    in_memory = sqlite and parsed.database in (None, "", ":memory:")
+    if sqlite and not in_memory:
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
+    if in_memory:
+        # One shared connection, or every thread (recorder, request handlers) would see its own empty database.
+        engine = create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    if sqlite:
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
 
@@ -158,12 +170,15 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
 class Store:
     def __init__(self, url: str, migrate: bool = True):
-        self.url = url
-        self.engine = make_engine(url)
-        if migrate:
-            upgrade(self.engine)
+        shown = make_url(url).render_as_string(hide_password=True)
+        try:
+            self.engine = make_engine(url)
+            if migrate:
+                upgrade(self.engine)
+        except (SQLAlchemyError, OSError) as error:
+            raise StoreUnavailable(f"cannot open the jobs database {shown} (SDSERVE_DATABASE_URL): {error}") from error
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        logger.info("job database at %s", make_url(url).render_as_string(hide_password=True))
+        logger.info("job database at %s", shown)
 
     def close(self) -> None:
         self.engine.dispose()

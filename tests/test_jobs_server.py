@@ -13,7 +13,7 @@ from tests.conftest import ServerProcess, server_env
 from tests.utils import from_b64, parse_sse, wait_for
 
 FAST = {"prompt": "a red fox", "steps": 3, "width": 64, "height": 64}
-SLOW = {"prompt": "a slow one", "steps": 150, "width": 512, "height": 512}
+SLOW = {"prompt": "a slow one", "steps": 150, "width": 384, "height": 384}
 
 
 def stream_events(base_url: str, job_id: str, on_event=None, timeout_s: float = 120) -> list[tuple[str, dict]]:
@@ -38,8 +38,8 @@ def job_state(base_url: str, job_id: str) -> dict:
 
 
 def test_events_stream_live_in_order_and_end_with_the_result(server):
-    job_id = httpx.post(f"{server.url}/jobs", json={"task": "text2img", **FAST, "steps": 12, "width": 128,
-                                                    "height": 128, "seed": 4}).json()["id"]
+    job_id = httpx.post(f"{server.url}/jobs", json={"task": "text2img", **FAST, "steps": 8, "width": 96,
+                                                    "height": 96, "seed": 4}).json()["id"]
     seen_while_running: list[str] = []
 
     def on_event(kind: str, data: dict) -> None:
@@ -51,12 +51,12 @@ def test_events_stream_live_in_order_and_end_with_the_result(server):
     kinds = [kind for kind, _ in events]
     assert kinds[0] in ("queued", "started")
     assert kinds.index("started") < kinds.index("progress")
-    assert [data["step"] for kind, data in events if kind == "progress"] == list(range(1, 13))
+    assert [data["step"] for kind, data in events if kind == "progress"] == list(range(1, 9))
     assert kinds[-1] == "done" and kinds.count("done") == 1
     assert seen_while_running == ["running"]
     result = events[-1][1]["result"]
     assert result["job_id"] == job_id and result["seeds"] == [4]
-    assert from_b64(result["images"][0]).size == (128, 128)
+    assert from_b64(result["images"][0]).size == (96, 96)
     assert result == job_state(server.url, job_id)["result"]
 
 

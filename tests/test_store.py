@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -17,7 +18,7 @@ from api.job_views import image_path
 from models.engine import GenerationRequest, GenerationResult
 from models.errors import ImageNotFound
 from models.image_files import AdapterUse, a1111_parameters, read_metadata, save_png, sdserve_metadata
-from models.store import MIGRATIONS_DIR, ImageRecord, Store
+from models.store import MIGRATIONS_DIR, Base, ImageRecord, Store, StoreUnavailable
 from models.worker import Job, JobState
 
 
@@ -49,6 +50,8 @@ def test_store_creates_the_database_at_the_latest_migration(tmp_path):
     with store.engine.connect() as connection:
         current = MigrationContext.configure(connection).get_current_revision()
     assert current == ScriptDirectory.from_config(config).get_current_head()
+    with store.engine.connect() as connection:  # the models and the migrations describe the same schema
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
     store.close()
     Store(sqlite_url(tmp_path)).close()  # opening again upgrades nothing and loses nothing
 
@@ -72,6 +75,20 @@ def test_jobs_survive_reopening_and_unfinished_ones_become_interrupted(tmp_path)
         assert record.finished_at is not None
     assert reopened.get_job("c" * 32).step == 3
     assert reopened.mark_interrupted("again") == 0
+
+
+def test_in_memory_database_is_shared_across_threads():
+    store = Store("sqlite://")
+    writer = threading.Thread(target=store.save_job, args=(job_values("d" * 32),))
+    writer.start()
+    writer.join()
+    assert store.get_job("d" * 32).prompt == "a red fox"
+
+
+def test_an_unreachable_database_stops_the_start_with_its_url_and_setting(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(StoreUnavailable, match=r"cannot open the jobs database sqlite:///.*SDSERVE_DATABASE_URL"):
+        Store(f"sqlite:///{tmp_path / 'file' / 'sdserve.db'}")
 
 
 def test_image_filters_escape_wildcards_and_page(tmp_path):
@@ -188,3 +205,21 @@ def test_unsubscribed_listener_hears_nothing_more():
     job.unsubscribe(listener)
     job.emit("started")
     assert heard == ["queued"] and not job.watched
+
+
+def test_loras_are_read_from_any_request_shape():
+    from dataclasses import dataclass
+
+    from models.jobs import _adapters_of
+
+    @dataclass
+    class Spec:  # the shape the LoRA routes give: name, weight_name, scale
+        name: str
+        weight_name: str | None = None
+        scale: float | None = None
+
+    request = GenerationRequest(task="text2img", prompt="x", seed=1)
+    request.loras = [Spec("style", None, 0.7), Spec("other", "w.safetensors"), "plain", {"name": "d", "weight": 2}]
+    assert _adapters_of(request) == [
+        ("style", 0.7, None), ("other", None, "w.safetensors"), ("plain", None, None), ("d", 2.0, None)
+    ]

@@ -40,7 +40,7 @@ def submit_body(jobs: JobService, body: GenerationBody, source: str) -> Job:
     options = JobOptions(
         save=body.save, explicit_seed=body.seed is not None, output_format=body.output_format, source=source
     )
-    return jobs.submit(body.to_domain(), options)  # type: ignore[attr-defined]
+    return jobs.submit(body.to_domain(), options, body=body)  # type: ignore[attr-defined]
 
 
 async def execute(body: GenerationBody, request: Request, worker: GenerationWorker) -> tuple[Job, GenerationResult]:
