@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,9 +10,24 @@ from fastapi import FastAPI
 
 from api.errors import register_error_handlers
 from api.job_views import JobResults
-from api.routes import compat_a1111, compat_openai, compat_seeds, generation, images, jobs, loras, models, system
+from api.observability import MetricsMiddleware, RequestIdMiddleware
+from api.routes import (
+    compat_a1111,
+    compat_openai,
+    compat_seeds,
+    generation,
+    images,
+    jobs,
+    loras,
+    models,
+    observability,
+    system,
+)
+from api.routes.ui import mount_page
 from models.device import select_device
 from models.jobs import JobService
+from models.logcontext import configure_logging
+from models.metrics import JobMetrics
 from models.pipelines import PipelineCache
 from models.registry import Registry
 from models.settings import Settings, get_settings
@@ -23,23 +37,16 @@ from models.worker import GenerationWorker
 logger = logging.getLogger(__name__)
 
 
-def configure_logging() -> None:
-    """Our INFO lines (model loads, jobs) next to uvicorn's, unless the host process configured logging."""
-    root = logging.getLogger()
-    if not root.handlers:
-        level = os.environ.get("LOG_LEVEL", "info").upper()
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    configure_logging()
+    configure_logging(settings.log_level)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = Registry(settings.registry_path)
         device = select_device(settings)
         worker = GenerationWorker(settings, PipelineCache(settings, registry, device))
+        worker.add_observer(JobMetrics())
         app.state.settings = settings
         app.state.registry = registry
         app.state.device = device
@@ -72,4 +79,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(compat_seeds.router)
     app.include_router(compat_openai.router)
     app.include_router(compat_a1111.router)
+    app.include_router(observability.router)
+    mount_page(app)
+    # Added last = outermost: the request id is set before metrics and everything else run.
+    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(RequestIdMiddleware)
     return app

@@ -25,6 +25,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors import SafetensorError
 
+from models import metrics
 from models.errors import AdapterNotFound, InvalidRequest, PathNotAllowed
 from models.registry import Registry, RegistryEntry
 from models.settings import Settings
@@ -400,6 +401,7 @@ class LoraAdapters:
             )
         lora = _LoadedLora(name, resolved, stamp, resolved.default_scale, resolved.trigger_words)
         self._loaded[resolved.target] = lora
+        metrics.adapter_loaded(name)
         logger.info("LoRA %r loaded into %r as adapter %r from %s in %.2fs", resolved.reference, self.model_name,
                     name, file, time.perf_counter() - started)
         # Evict only after a successful load, so a failed one leaves every adapter where it was.
@@ -431,6 +433,7 @@ class LoraAdapters:
             self.pipeline.enable_lora()
             self.pipeline.set_adapters([name for name, _ in wanted], [scale for _, scale in wanted])
         self._applied = wanted
+        metrics.adapters_switched()
 
     def _new_adapter_name(self, resolved: ResolvedLora) -> str:
         # Named after what the client wrote: the registry name, else the file or folder it named.

@@ -13,6 +13,7 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from models import metrics
 from models.adapters import ActiveLora, LoraSpec, with_trigger_words
 from models.errors import InvalidRequest, JobCancelled
 from models.pipelines import LoadedModel
@@ -118,6 +119,7 @@ def generate(
     on_latents: LatentsCallback | None = None,
 ) -> GenerationResult:
     started = time.perf_counter()
+    on_step = metrics.StepMeter(model.name, on_step)
     width, height = resolve_size(request, model)
     strength = request.strength if request.strength is not None else DEFAULT_STRENGTH[request.task]
     if request.task != "text2img" and int(request.steps * strength) < 1:

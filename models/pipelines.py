@@ -22,7 +22,7 @@ from diffusers import (
 )
 from diffusers.utils import logging as diffusers_logging
 
-from models import demo
+from models import demo, metrics
 from models.adapters import PICKLE_SUFFIXES, LoraAdapters, LoraResolver
 from models.device import DeviceConfig
 from models.errors import InvalidRequest, ModelUnavailable
@@ -62,6 +62,7 @@ class PipelineCache:
         self.registry = registry
         self.device = device
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._last_used: str | None = None
         # Loading bars are for notebooks; a server logs one line per load instead.
         diffusers_logging.disable_progress_bar()
 
@@ -79,7 +80,11 @@ class PipelineCache:
             model = self._load(name, entry)
             self._models[name] = model
             self._enforce_bounds(keep=name)
+            metrics.model_loaded(name, model.load_seconds, len(self._models))
         self._models.move_to_end(name)
+        if self._last_used is not None and self._last_used != name:
+            metrics.model_switched(name)
+        self._last_used = name
         if task not in model.pipelines:
             model.pipelines[task] = self._derive(model, task)
         return model.pipelines[task], model
@@ -89,6 +94,7 @@ class PipelineCache:
         if model is None:
             return False
         logger.info("unloading model %r (%.0f MB)", name, model.weight_bytes / 2**20)
+        metrics.model_evicted(name, len(self._models))
         model.pipelines.clear()
         del model
         gc.collect()

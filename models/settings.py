@@ -8,10 +8,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class Settings(BaseSettings):
@@ -64,6 +65,20 @@ class Settings(BaseSettings):
                 return json.loads(text)
             return [part for part in text.split(os.pathsep) if part] or None
         return value
+    log_level: str = Field(
+        "INFO",
+        validation_alias=AliasChoices("log_level", "SDSERVE_LOG_LEVEL", "LOG_LEVEL"),
+        description="Level of sdserve's own log lines, each tagged with its request and job id "
+        "(LOG_LEVEL, which run_api.sh also gives uvicorn, works too).",
+    )
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+        return level
     data_dir: Path = Field(Path("data"), description="Server state: the SQLite database of jobs and images.")
     database_url: str | None = Field(
         None, description="SQLAlchemy URL of the jobs/images database; default sqlite:///DATA_DIR/sdserve.db."

@@ -23,6 +23,7 @@ from typing import Any
 
 from models.engine import GenerationRequest, GenerationResult, check_limits, generate
 from models.errors import JobCancelled, NotReady, QueueFull, SdserveError
+from models.logcontext import current_request_id, log_context
 from models.pipelines import PipelineCache
 from models.previews import LatentPreviewer
 from models.settings import Settings
@@ -82,6 +83,7 @@ class Job:
     error: str | None = None
     future: Future[GenerationResult] = field(default_factory=Future, repr=False)
     cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
+    request_id: str | None = field(default_factory=current_request_id)
     result: GenerationResult | None = field(default=None, repr=False)
     context: dict[str, Any] = field(default_factory=dict, repr=False)  # the caller's; the worker never reads it
     _event_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -282,7 +284,8 @@ class GenerationWorker:
             if isinstance(item, _Call):
                 self._run_call(item)
             else:
-                self._run_job(item)
+                with log_context(request_id=item.request_id, job_id=item.id):
+                    self._run_job(item)
                 with self._condition:
                     self._current = None
 
