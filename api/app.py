@@ -9,11 +9,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import register_error_handlers
-from api.routes import generation, models, system
+from api.routes import generation, models, system, training
 from models.device import select_device
 from models.pipelines import PipelineCache
 from models.registry import Registry
 from models.settings import Settings, get_settings
+from models.training_runs import TrainingRunManager
 from models.worker import GenerationWorker
 
 logger = logging.getLogger(__name__)
@@ -31,11 +32,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.registry = registry
         app.state.device = device
         app.state.worker = worker
+        app.state.training = TrainingRunManager(settings, registry)
         worker.start()
+        app.state.training.start()
         logger.info("sdserve ready to take requests; default model %r", settings.default_model)
         try:
             yield
         finally:
+            app.state.training.stop()
             worker.stop()
 
     app = FastAPI(
@@ -48,4 +52,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(generation.router)
     app.include_router(models.router)
     app.include_router(system.router)
+    app.include_router(training.router)
     return app

@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 
 from models.registry import Registry
 from models.settings import Settings
+from models.training_runs import TrainingRunManager
 from models.worker import GenerationWorker
 
 
@@ -23,6 +24,11 @@ def get_worker(request: Request) -> GenerationWorker:
     return request.app.state.worker
 
 
+def get_training(request: Request) -> TrainingRunManager:
+    return request.app.state.training
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 WorkerDep = Annotated[GenerationWorker, Depends(get_worker)]
+TrainingDep = Annotated[TrainingRunManager, Depends(get_training)]

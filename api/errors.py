@@ -17,6 +17,7 @@ from models.errors import (
     QueueFull,
     RegistryError,
     SdserveError,
+    TrainingRunNotFound,
 )
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ STATUS_BY_ERROR: dict[type[SdserveError], int] = {
     JobCancelled: 409,
     ModelUnavailable: 503,
     NotReady: 503,
+    TrainingRunNotFound: 404,
 }
 
 

@@ -39,3 +39,7 @@ class JobCancelled(SdserveError):
 
 class NotReady(SdserveError):
     """The engine is starting or shutting down."""
+
+
+class TrainingRunNotFound(SdserveError):
+    """No training run has this id."""

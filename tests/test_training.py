@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,8 +23,6 @@ from training.config import DreamBoothOptions, LoraOptions, parse_options
 from training.data import DatasetError, file_sha256, find_captioned_images
 from training.loop import TrainingStopped, list_checkpoints, train
 from training.progress import PROGRESS_FILE, read_progress
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +47,7 @@ def render(pipeline: StableDiffusionPipeline, prompt: str, seed: int, steps: int
     return np.asarray(image, dtype=np.float64)
 
 
-def test_lora_lowers_loss_and_writes_weights_diffusers_loads(settings, tmp_path):
+def test_lora_lowers_loss_and_writes_weights_diffusers_loads(settings, tmp_path, capsys):
     dataset = shapes_dataset(tmp_path / "shapes")
     options = LoraOptions(**fast_options(
         dataset=dataset, output_dir=tmp_path / "run", max_train_steps=40, lora_alpha=8, checkpointing_steps=20,
@@ -78,6 +74,9 @@ def test_lora_lowers_loss_and_writes_weights_diffusers_loads(settings, tmp_path)
     steps = [event for event in read_progress(tmp_path / "run" / PROGRESS_FILE) if event["event"] == "step"]
     assert [event["step"] for event in steps] == list(range(1, 41))
     assert {"loss", "lr", "steps_per_s"} <= set(steps[0])
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [line["step"] for line in printed if line["event"] == "step"] == list(range(1, 41))
+    assert printed[-1]["event"] == "done" and printed[-1]["registered"] == "shapes-lora"
 
     entry = Registry(settings.registry_path).get("shapes-lora")
     assert (entry.kind, entry.base, entry.created_by) == ("lora", "demo", result.run_id)
@@ -131,7 +130,8 @@ def test_dreambooth_with_prior_preservation_renders_class_images_and_trains(sett
         instance_data_dir=instance_images(tmp_path / "subject"), instance_prompt="a photo of sks ball",
         with_prior_preservation=True, class_prompt="a photo of a ball", num_class_images=5,
         class_generation_steps=2, prior_loss_weight=0.5, output_dir=tmp_path / "run", max_train_steps=6,
-        train_batch_size=2, checkpointing_steps=3,
+        train_batch_size=2, checkpointing_steps=3, mixed_precision="bf16", gradient_checkpointing=True,
+        cache_latents=True, random_flip=True,
     ))
     result = train(options, train_dreambooth_lora.build_data, settings=settings)
 
@@ -154,35 +154,15 @@ def test_dreambooth_with_prior_preservation_renders_class_images_and_trains(sett
     assert "class_images" not in events
 
 
-@pytest.mark.slow
-def test_accelerate_launch_runs_the_script_from_a_config_file(settings, tmp_path):
-    dataset = shapes_dataset(tmp_path / "shapes", layout="captions")
-    config = tmp_path / "run.toml"
-    config.write_text(
-        f'dataset = "{dataset}"\nbase = "demo"\nresolution = 64\nmax-train-steps = 50\nseed = 1\n'
-        f'logging_steps = 1\ntrain_batch_size = 2\n', encoding="utf-8")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "training/train_lora.py", "--config", str(config), "--max-train-steps", "3",
-               "--output-dir", str(tmp_path / "run"), "--register", "cli-lora"]
-    env = {**training_env(settings), "OMP_NUM_THREADS": "1"}
-    finished = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    lines = [json.loads(line) for line in finished.stdout.splitlines() if line.startswith("{")]
-    assert [line["step"] for line in lines if line["event"] == "step"] == [1, 2, 3]  # the flag beat the file's 50
-    assert lines[-1]["event"] == "done" and lines[-1]["registered"] == "cli-lora"
-    assert (tmp_path / "run" / WEIGHTS_NAME).is_file()
-    assert Registry(settings.registry_path).get("cli-lora").base == "demo"
-
-
-def training_env(settings) -> dict[str, str]:
-    import os
-
-    return {**os.environ, "PYTHONPATH": str(ROOT), "SDSERVE_REGISTRY_PATH": str(settings.registry_path),
-            "SDSERVE_CACHE_DIR": str(settings.cache_dir), "SDSERVE_OUTPUT_DIR": str(settings.output_dir)}
-
-
 # -- options -------------------------------------------------------------------------------------------------------
+def test_flags_override_a_toml_file(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('dataset = "shapes"\nmax-train-steps = 50\nseed = 1\nregister = "from-file"\n')
+    options = parse_options(LoraOptions, ["--config", str(config), "--max-train-steps", "3", "--no-random-flip"])
+    assert (options.max_train_steps, options.seed, options.register_as) == (3, 1, "from-file")
+    assert options.dataset == Path("shapes") and options.random_flip is False
+
+
 def test_flags_override_a_yaml_file_and_accept_both_spellings(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("dataset: data/shapes\nrank: 8\nmax-train-steps: 100\nvalidation_prompts: [a, b]\n")

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import broadcast_object_list, set_seed
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
@@ -122,6 +123,10 @@ def train(
         return _Run(options, build_data, settings, accelerator, should_stop or (lambda step: False)).execute()
     finally:
         accelerator.free_memory()
+        # accelerate keeps its state in process-wide singletons; a later train() in this process (a notebook,
+        # the tests) may want another precision. accelerate's own test suite resets them the same way.
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
 
 
 class _Run:
