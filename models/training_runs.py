@@ -37,7 +37,7 @@ from models.registry import BASE_KINDS, Registry, RegistryEntry
 from models.settings import Settings
 from training.base_model import BaseChoice
 from training.config import SERVER_OWNED_OPTIONS, DreamBoothOptions, LoraOptions, TrainingOptions
-from training.data import find_captioned_images, find_images
+from training.dataset_files import find_captioned_images, find_images
 from training.progress import PROGRESS_FILE, read_progress
 from training.registration import check_registration
 
@@ -74,7 +74,8 @@ class TrainingRun:
     exit_code: int | None = None
     error: str | None = None
     pid: int | None = None
-    cancel_requested: bool = False
+    # Set when the server stops a running run: the state and message it ends with once its processes are gone.
+    stopping_as: tuple[RunState, str] | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -133,8 +134,9 @@ class TrainingRunManager:
             running = [run for run in self._runs.values() if run.state is RunState.running]
             for run in self._runs.values():
                 if run.state is RunState.queued:
-                    self._finish(run, RunState.cancelled, error="the server shut down before the run started")
-                run.cancel_requested = run.state is RunState.running
+                    self._finish(run, RunState.interrupted, error="the server shut down before the run started")
+                elif run.state is RunState.running:
+                    run.stopping_as = (RunState.interrupted, "the server shut down during the run")
             self._condition.notify_all()
         self._thread.join(timeout=5)
         for run in running:
@@ -160,8 +162,8 @@ class TrainingRunManager:
             run = TrainingRun(id=run_id, kind=options.kind, options=options.model_dump(mode="json"), folder=folder)
             self._runs[run_id] = run
             self._save(run)
-            self._condition.notify_all()
-        logger.info("training run %s queued (%s on %s)", run_id, options.kind, options.base)
+            self._start_queued()  # at once when the device is free, so the answer already says running
+        logger.info("training run %s submitted (%s on %s): %s", run_id, options.kind, options.base, run.state.value)
         return run
 
     def get(self, run_id: str) -> TrainingRun:
@@ -189,7 +191,7 @@ class TrainingRunManager:
                 return run
             if run.state is not RunState.running:
                 return run
-            run.cancel_requested = True
+            run.stopping_as = (RunState.cancelled, "cancelled")
         self._terminate(run)
         with self._condition:
             self._reap(run)
@@ -316,8 +318,8 @@ class TrainingRunManager:
         if _group_members(run.pid):
             return  # workers still finishing (e.g. writing a checkpoint after SIGTERM)
         run.exit_code = run.process.returncode
-        if run.cancel_requested:
-            self._finish(run, RunState.cancelled, error="cancelled")
+        if run.stopping_as is not None:
+            self._finish(run, *run.stopping_as)
         elif run.exit_code == 0:
             self._finish(run, RunState.succeeded)
         else:

@@ -20,7 +20,7 @@ from tests.training_helpers import fast_options, instance_images, shapes_dataset
 from training import train_dreambooth_lora, train_lora
 from training.adapters import WEIGHTS_NAME, read_metadata
 from training.config import DreamBoothOptions, LoraOptions, parse_options
-from training.data import DatasetError, file_sha256, find_captioned_images
+from training.dataset_files import DatasetError, file_sha256, find_captioned_images
 from training.loop import TrainingStopped, list_checkpoints, train
 from training.progress import PROGRESS_FILE, read_progress
 
@@ -224,3 +224,13 @@ def test_dataset_problems_are_named(tmp_path):
     (escaping / "metadata.jsonl").write_text('{"file_name": "../shapes/red-square.png", "text": "x"}\n')
     with pytest.raises(DatasetError, match="line 1: ../shapes/red-square.png points outside the dataset folder"):
         find_captioned_images(escaping)
+
+
+def test_a_missing_dataset_stops_the_script_before_anything_loads(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_lora.main(["--dataset", str(tmp_path / "nowhere"), "--base", "not-even-checked"])
+    assert exit_info.value.code == 2
+    assert f"dataset {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_dreambooth_lora.main(["--instance-data-dir", str(tmp_path), "--instance-prompt", "sks"])
+    assert f"instance_data_dir {tmp_path} has no images" in capsys.readouterr().err

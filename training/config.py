@@ -14,11 +14,14 @@ import re
 import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML
+
+from models.errors import SdserveError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -130,10 +133,10 @@ class TrainingOptions(BaseModel):
     validation_guidance_scale: float = Field(7.0, ge=0, le=50, description="Guidance scale of validation images.")
     # -- registration ---------------------------------------------------------------------------------------
     register_as: str | None = Field(
-        None, pattern=NAME_PATTERN, validation_alias=AliasChoices("register_as", "register"),
-        description="Add the result to the model registry under this name when done (also --register).",
+        None, pattern=NAME_PATTERN, validation_alias=AliasChoices("register", "register_as"),
+        description="Add the result to the model registry under this name when done.",
     )
-    register_replace: bool = Field(False, description="With --register-as: overwrite an entry of the same name.")
+    register_replace: bool = Field(False, description="With --register: overwrite an entry of the same name.")
     register_scale: float = Field(1.0, ge=-10, le=10, description="Default scale of the registered LoRA.")
     trigger_words: list[str] = Field(
         default_factory=list, description="Words that call up what was learnt; recorded in the weights and registry."
@@ -227,44 +230,57 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return {str(key).replace("-", "_"): value for key, value in data.items()}
 
 
+OptionsT = TypeVar("OptionsT", bound=TrainingOptions)
+
+
 def build_parser(options_class: type[TrainingOptions], description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="YAML, TOML or JSON file of options; flags override it.")
     for name, field in options_class.model_fields.items():
-        names = [name] + [alias for alias in _aliases(field) if alias != name]
-        flags = [f"--{spelling}" for alias in names for spelling in dict.fromkeys([alias.replace("_", "-"), alias])]
+        spellings = _aliases(field) or [name]
         kind, choices = _flag_shape(field.annotation)
         default = field.get_default(call_default_factory=True)
         shown_default = "" if default is None or field.is_required() else f" (default: {default})"
         help_text = (field.description or "") + shown_default
-        keywords: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}
+        keywords: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
         if kind == "flag":
             keywords["action"] = argparse.BooleanOptionalAction
         elif kind == "list":
             keywords["nargs"] = "*"
-            keywords["metavar"] = name.upper().removesuffix("S")
+            keywords["metavar"] = spellings[0].upper().removesuffix("S")
         else:
             keywords["choices"] = choices
-            keywords["metavar"] = "{" + ",".join(choices) + "}" if choices else name.upper()
-        parser.add_argument(*flags, **keywords)
+            keywords["metavar"] = "{" + ",".join(choices) + "}" if choices else spellings[0].upper()
+        parser.add_argument(*[f"--{spelling.replace('_', '-')}" for spelling in spellings],
+                            help=help_text.replace("%", "%%"), **keywords)
+        # diffusers' scripts spell flags with underscores (--max_train_steps); accepted, not listed twice.
+        underscored = [f"--{spelling}" for spelling in spellings if "_" in spelling]
+        if underscored:
+            parser.add_argument(*underscored, help=argparse.SUPPRESS, **keywords)
     return parser
 
 
 def parse_options(
-    options_class: type[TrainingOptions], argv: list[str] | None = None, description: str = ""
-) -> TrainingOptions:
-    """Options from a config file (--config) overlaid with explicit flags, validated; exits 2 with a message."""
-    parser = build_parser(options_class, description or (options_class.__doc__ or ""))
+    options_class: type[OptionsT], argv: list[str] | None = None, check: Callable[[OptionsT], object] | None = None
+) -> OptionsT:
+    """Options from a config file (--config) overlaid with explicit flags, validated, then `check`ed (e.g. that
+    the dataset exists); any problem exits with status 2 and a message."""
+    parser = build_parser(options_class, options_class.__doc__ or "")
     namespace = vars(parser.parse_args(argv))
     config_path = namespace.pop("config", None)
     try:
         values = read_config_file(config_path) if config_path else {}
         values.update(namespace)
-        return options_class.model_validate(values)
+        options = options_class.model_validate(values)
+        if check is not None:
+            check(options)
+        return options
     except OptionsError as error:
         parser.error(str(error))
     except ValidationError as error:
         parser.error("invalid options:\n  " + "\n  ".join(describe_errors(error)))
+    except SdserveError as error:
+        parser.error(str(error))
     raise AssertionError("unreachable")  # parser.error exits
 
 

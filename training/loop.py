@@ -48,8 +48,9 @@ from models.registry import Registry
 from models.settings import Settings, get_settings
 from training import adapters
 from training.base_model import BaseChoice, load_base, make_renderer, resolve_base, weights_sha256
-from training.config import TrainingOptions, parse_options
-from training.data import Collate, Example, ImageCaptionDataset, PairedDataset, dataset_sha256
+from training.config import TrainingOptions
+from training.data import Collate, ImageCaptionDataset, PairedDataset
+from training.dataset_files import Example, dataset_sha256
 from training.progress import ProgressReporter
 from training.registration import check_registration, register_weights
 
@@ -185,8 +186,9 @@ class _Run:
         # 4. Precision, LoRA layers, latent cache.
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
                                                                                  torch.float32)
-        for module in (self.unet, self.vae, self.text_encoder):
-            module.to(dtype=self.weight_dtype)
+        if self.weight_dtype != torch.float32:
+            for module in (self.unet, self.vae, self.text_encoder):
+                module.to(dtype=self.weight_dtype)
         self.trained_text_encoder = self.text_encoder if options.train_text_encoder else None
         adapters.add_lora_layers(self.unet, self.trained_text_encoder, options)
         if self.weight_dtype != torch.float32:
@@ -564,11 +566,10 @@ class StopOnSignal:
         return self.signal is not None
 
 
-def main(options_class: type[TrainingOptions], build_data: DataBuilder, argv: list[str] | None = None) -> int:
-    """Parse options, train, and turn known failures into a message and an exit status (2: bad input)."""
-    options = parse_options(options_class, argv)
+def run(options: TrainingOptions, build_data: DataBuilder) -> int:
+    """A script's body: train, and turn known failures into a message and an exit status (2: bad input)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "PIL", "urllib3"):
+    for noisy in ("httpx", "PIL", "urllib3", "accelerate.checkpointing"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     stop = StopOnSignal()
     try:

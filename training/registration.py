@@ -15,7 +15,7 @@ from models.errors import InvalidRequest, RegistryError
 from models.registry import Registry, RegistryEntry
 from training.base_model import BaseChoice
 from training.config import TrainingOptions
-from training.data import file_sha256
+from training.dataset_files import file_sha256
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,8 @@ idea of the class; missing class images are rendered by the base itself, through
         --base demo --instance-data-dir datasets/dog --instance-prompt "a photo of sks dog" \\
         --with-prior-preservation --class-prompt "a photo of a dog" --register sks-dog
 
-Run with --help for every option; the shared loop is in training/loop.py.
+Run with --help for every option; the loop both scripts share is training/loop.py. torch and diffusers are
+imported only once the options and the images are checked, so --help and mistakes answer at once.
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if __package__ in (None, ""):
     # Run as a file (`accelerate launch training/train_dreambooth_lora.py`): import the project, not this folder.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from training.config import DreamBoothOptions
-from training.data import DatasetError, Example, ImageCaptionDataset, PairedDataset, find_images
-from training.loop import RunContext, TrainingData, main
+from training.config import DreamBoothOptions, parse_options
+from training.dataset_files import DatasetError, Example, find_images
+
+if TYPE_CHECKING:
+    from training.loop import RunContext, TrainingData
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +34,20 @@ CLASS_IMAGE_GUIDANCE = 7.5
 CLASS_IMAGES_PER_CALL = 4
 
 
-def build_data(context: RunContext) -> TrainingData:
-    options = context.options
-    assert isinstance(options, DreamBoothOptions)
+def find_instances(options: DreamBoothOptions) -> list[Example]:
     images = find_images(options.instance_data_dir, "instance_data_dir")
     if not images:
         raise DatasetError(f"instance_data_dir {options.instance_data_dir} has no images")
-    instances = [Example(image=path, caption=options.instance_prompt) for path in images]
+    return [Example(image=path, caption=options.instance_prompt) for path in images]
+
+
+def build_data(context: RunContext) -> TrainingData:
+    from training.data import ImageCaptionDataset, PairedDataset
+    from training.loop import TrainingData
+
+    options = context.options
+    assert isinstance(options, DreamBoothOptions)
+    instances = find_instances(options)
     metadata = {"instance_prompt": options.instance_prompt}
     trigger_words = options.trigger_words or [options.instance_prompt]
     dataset = ImageCaptionDataset(instances, context.resolution, options.crop, options.random_flip, context.seed)
@@ -84,5 +95,12 @@ def _free_name(folder: Path, index: int) -> Path:
     return path
 
 
+def main(argv: list[str] | None = None) -> int:
+    options = parse_options(DreamBoothOptions, argv, check=find_instances)
+    from training.loop import run
+
+    return run(options, build_data)
+
+
 if __name__ == "__main__":
-    sys.exit(main(DreamBoothOptions, build_data))
+    sys.exit(main())
