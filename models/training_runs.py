@@ -47,6 +47,7 @@ PROJECT_ROOT = Path(training.__file__).resolve().parent.parent
 SCRIPTS = {"lora": "train_lora.py", "dreambooth": "train_dreambooth_lora.py"}
 POLL_INTERVAL_S = 0.25
 LOG_TAIL_CHARS = 4000
+PROGRESS_TAIL_BYTES = 16_384
 
 
 class RunState(str, Enum):
@@ -87,7 +88,8 @@ class TrainingRun:
         return self.options.get("register_as")
 
     def events(self) -> list[dict[str, Any]]:
-        return read_progress(self.folder / PROGRESS_FILE)
+        """The script's latest progress lines (the file grows with the run; its end is enough)."""
+        return read_progress(self.folder / PROGRESS_FILE, tail_bytes=PROGRESS_TAIL_BYTES)
 
     def progress(self) -> dict[str, Any] | None:
         """The last step line of the script (step, max_steps, loss, lr, steps_per_s, epoch)."""

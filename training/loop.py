@@ -142,30 +142,50 @@ class _Run:
         self.should_stop = should_stop
         self.main = accelerator.is_main_process
 
-    # -- the procedure --------------------------------------------------------------------------------------------
+    # -- the procedure ----------------------------------------------------------------------------------------------
     def execute(self) -> TrainingResult:
+        checkpoint = self._start()
+        self._load_base(checkpoint)
+        context = RunContext(self.options, self.accelerator, self.output_dir, self.run_id, self.seed,
+                             self.resolution, self.base, make_renderer(self.pipeline, self.model), self.progress.event)
+        self.data = self.build_data(context)  # 3. with the untouched base (DreamBooth renders class images)
+        self._add_lora_layers()
+        self._prepare_training()
+        self._register_checkpoint_hooks()
+        self._resume(checkpoint)
+        self.losses: list[float] = []
+        try:
+            self._train_steps()
+            return self._finish()
+        finally:
+            self.progress.close()
+
+    def _start(self) -> Path | None:
+        """1. Precision check, the checkpoint to resume, run id, seed, output folder, progress."""
         options, accelerator = self.options, self.accelerator
         if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
             raise InvalidRequest("mixed_precision fp16 needs a GPU; use bf16 or no on CPU")
         if options.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         checkpoint = self._checkpoint_to_resume()
-        saved = _read_state(checkpoint) if checkpoint else {}
-        self.run_id, self.seed = self._identity(saved)
+        self.saved = _read_state(checkpoint) if checkpoint else {}
+        self.run_id, self.seed = self._identity(self.saved)
         self.output_dir = Path(options.output_dir or (checkpoint.parent if checkpoint else None)
                                or self.settings.output_dir / "training" / self.run_id)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         accelerator.dataloader_config.data_seed = self.seed
         set_seed(self.seed)  # the same LoRA initialisation on every process
         self.progress = ProgressReporter(self.output_dir, enabled=self.main)
+        return checkpoint
 
-        # 2. The base.
+    def _load_base(self, checkpoint: Path | None) -> None:
+        """2. The base by registry name or path, frozen, with the noise schedule it was trained with."""
+        options = self.options
         registry = Registry(self.settings.registry_path)
         self.base = resolve_base(options.base, registry)
         check_registration(options, self.base, registry)
-        pipeline, self.model = load_base(self.base, self.settings, accelerator.device)
-        self.pipeline = pipeline
-        self.unet, self.vae, self.text_encoder = pipeline.unet, pipeline.vae, pipeline.text_encoder
+        self.pipeline, self.model = load_base(self.base, self.settings, self.accelerator.device)
+        self.unet, self.vae, self.text_encoder = self.pipeline.unet, self.pipeline.vae, self.pipeline.text_encoder
         for module in (self.unet, self.vae, self.text_encoder):
             module.requires_grad_(False)
         self.base_sha256 = weights_sha256(self.unet, self.text_encoder, self.vae) if self.main else ""
@@ -175,16 +195,13 @@ class _Run:
             self.model.scheduler_config = {**self.model.scheduler_config, "prediction_type": options.prediction_type}
         self.noise_scheduler = DDPMScheduler.from_config(self.model.scheduler_config)
         self.progress.event("start", run_id=self.run_id, kind=options.kind, base=self.base.label, seed=self.seed,
-                            output_dir=str(self.output_dir), processes=accelerator.num_processes,
+                            output_dir=str(self.output_dir), processes=self.accelerator.num_processes,
                             resume_from=str(checkpoint) if checkpoint else None)
 
-        # 3. The script's data, built with the untouched base.
-        context = RunContext(options, accelerator, self.output_dir, self.run_id, self.seed, self.resolution,
-                             self.base, make_renderer(pipeline, self.model), self.progress.event)
-        self.data = self.build_data(context)
-
-        # 4. Precision, LoRA layers, latent cache.
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
+    def _add_lora_layers(self) -> None:
+        """4. Frozen weights in the mixed precision, LoRA layers in float32, latents cached if asked."""
+        options = self.options
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision,
                                                                                  torch.float32)
         if self.weight_dtype != torch.float32:
             for module in (self.unet, self.vae, self.text_encoder):
@@ -196,31 +213,14 @@ class _Run:
         if options.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if self.trained_text_encoder is not None:
-                self.trained_text_encoder.gradient_checkpointing_enable()
+                # transformers 5 renamed it; 4.x has only the old name.
+                encoder = self.trained_text_encoder
+                getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
         if options.cache_latents:
             cache_generator = torch.Generator("cpu").manual_seed(self.seed)
             self.data.dataset.cache_latents(lambda pixels: self._encode(pixels, cache_generator))
 
-        # 5. Dataloader, optimizer, schedule.
-        self._prepare_training()
-        self._register_checkpoint_hooks()
-
-        # 6. Resume.
-        self.global_step = 0
-        self.noise_generator = torch.Generator("cpu").manual_seed(self.seed + accelerator.process_index)
-        if checkpoint:
-            self._resume(checkpoint, saved)
-
-        # 7. Steps.
-        self.losses: list[float] = []
-        try:
-            self._train_steps()
-            # 8. Output.
-            return self._finish()
-        finally:
-            self.progress.close()
-
-    # -- steps 1 and 6: identity and checkpoints --------------------------------------------------------------------
+    # -- identity, checkpoints, resume (1 and 6) ---------------------------------------------------------------------
     def _identity(self, saved: dict[str, Any]) -> tuple[str, int]:
         """Every process must agree on the run id and seed; a resumed run keeps the ones it started with."""
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -298,7 +298,13 @@ class _Run:
             logger.info("removing old checkpoint %s (limit %d)", old, limit)
             shutil.rmtree(old, ignore_errors=True)
 
-    def _resume(self, checkpoint: Path, saved: dict[str, Any]) -> None:
+    def _resume(self, checkpoint: Path | None) -> None:
+        """6. Optimizer, schedule, RNG states and LoRA weights from the checkpoint; the noise generator too."""
+        self.global_step = 0
+        self.noise_generator = torch.Generator("cpu").manual_seed(self.seed + self.accelerator.process_index)
+        if checkpoint is None:
+            return
+        saved = self.saved
         if saved.get("max_train_steps") not in (None, self.max_steps):
             logger.warning("the checkpoint planned %s steps and this run %s: the learning-rate schedule changes",
                            saved.get("max_train_steps"), self.max_steps)
@@ -312,7 +318,7 @@ class _Run:
         self.global_step = int(saved["step"])
         logger.info("resumed from %s at step %d", checkpoint, self.global_step)
 
-    # -- step 5 ---------------------------------------------------------------------------------------------------
+    # -- 5. dataloader, optimizer, schedule -------------------------------------------------------------------------
     def _prepare_training(self) -> None:
         options, accelerator = self.options, self.accelerator
         loader = DataLoader(
@@ -345,7 +351,7 @@ class _Run:
         self.optimizer, self.lr_schedule = prepared[-2], prepared[-1]
         self.trained_models = prepared[:-2]
 
-    # -- step 7 ---------------------------------------------------------------------------------------------------
+    # -- 7. steps ---------------------------------------------------------------------------------------------------
     def _train_steps(self) -> None:
         options, accelerator = self.options, self.accelerator
         ga = options.gradient_accumulation_steps
@@ -457,7 +463,7 @@ class _Run:
             return clipped / (snr + 1)
         return clipped / snr
 
-    # -- validation and output -----------------------------------------------------------------------------------
+    # -- validation and 8. output -----------------------------------------------------------------------------------
     def _validate(self) -> None:
         options = self.options
         if not options.validation_prompts or not self.main:

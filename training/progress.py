@@ -61,12 +61,17 @@ class ProgressReporter:
             self.bar.close()
 
 
-def read_progress(path: Path) -> list[dict[str, Any]]:
-    """All parseable lines of a progress file (a line being written may be cut short: it is skipped)."""
-    if not path.is_file():
+def read_progress(path: Path, tail_bytes: int | None = None) -> list[dict[str, Any]]:
+    """The parseable lines of a progress file, or of its last `tail_bytes` (a line cut short is skipped)."""
+    try:
+        with path.open("rb") as stream:
+            if tail_bytes is not None:
+                stream.seek(max(0, path.stat().st_size - tail_bytes))
+            text = stream.read().decode("utf-8", errors="replace")
+    except OSError:
         return []
     events = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in text.splitlines():
         try:
             events.append(json.loads(line))
         except json.JSONDecodeError:
