@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from PIL import Image
 
 from models.device import DeviceConfig
 from models.engine import GenerationRequest, generate
-from models.errors import ModelNotFound
+from models.errors import InvalidRequest, ModelNotFound
 from models.pipelines import LoadedModel, PipelineCache
 from models.registry import BASE_KINDS, Registry, RegistryEntry
 from models.settings import Settings
@@ -70,7 +70,14 @@ def load_base(choice: BaseChoice, settings: Settings, device: torch.device) -> t
     name = choice.name or "base"
     config = DeviceConfig(device=device, dtype=torch.float32, use_xformers=False, low_memory=False)
     cache = PipelineCache(settings, _OneBase(name, choice.entry), config)  # type: ignore[arg-type]
-    return cache.get(name, "text2img")
+    pipeline, model = cache.get(name, "text2img")
+    if not isinstance(pipeline, StableDiffusionPipeline):
+        # SDXL and others condition the UNet differently (two text encoders, added time ids).
+        raise InvalidRequest(
+            f"base {choice.label!r} is a {type(pipeline).__name__}; these scripts train Stable Diffusion 1.x/2.x "
+            "(StableDiffusionPipeline) bases"
+        )
+    return pipeline, model
 
 
 def weights_sha256(*modules: torch.nn.Module) -> str:
