@@ -22,6 +22,7 @@ from api.routes import (
     models,
     observability,
     system,
+    training,
 )
 from api.routes.ui import mount_page
 from models.device import select_device
@@ -32,6 +33,7 @@ from models.pipelines import PipelineCache
 from models.registry import Registry
 from models.settings import Settings, get_settings
 from models.store import Store
+from models.training_runs import TrainingRunManager
 from models.worker import GenerationWorker
 
 logger = logging.getLogger(__name__)
@@ -54,11 +56,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = Store(settings.resolved_database_url())
         app.state.jobs = JobService(settings, worker, store, registry)
         app.state.job_results = JobResults(app.state.jobs, settings.output_dir)
+        app.state.training = TrainingRunManager(settings, registry)
         worker.start()
+        app.state.training.start()
         logger.info("sdserve ready to take requests; default model %r", settings.default_model)
         try:
             yield
         finally:
+            app.state.training.stop()
             worker.stop()
             app.state.jobs.close()  # after the worker: its last events (interrupted jobs) get written
             store.close()
@@ -80,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(compat_openai.router)
     app.include_router(compat_a1111.router)
     app.include_router(observability.router)
+    app.include_router(training.router)
     mount_page(app)
     # Added last = outermost: the request id is set before metrics and everything else run.
     app.add_middleware(MetricsMiddleware)

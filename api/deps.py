@@ -10,6 +10,7 @@ from api.job_views import JobResults
 from models.jobs import JobService
 from models.registry import Registry
 from models.settings import Settings
+from models.training_runs import TrainingRunManager
 from models.worker import GenerationWorker
 
 
@@ -23,6 +24,10 @@ def get_registry(request: Request) -> Registry:
 
 def get_worker(request: Request) -> GenerationWorker:
     return request.app.state.worker
+
+
+def get_training(request: Request) -> TrainingRunManager:
+    return request.app.state.training
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -40,3 +45,5 @@ def get_job_results(request: Request) -> JobResults:
 
 JobsDep = Annotated[JobService, Depends(get_jobs)]
 JobResultsDep = Annotated[JobResults, Depends(get_job_results)]
+
+TrainingDep = Annotated[TrainingRunManager, Depends(get_training)]

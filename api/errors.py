@@ -22,6 +22,7 @@ from models.errors import (
     QueueFull,
     RegistryError,
     SdserveError,
+    TrainingRunNotFound,
 )
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ STATUS_BY_ERROR: dict[type[SdserveError], int] = {
     JobNotFound: 404,
     ImageNotFound: 404,
     JobFinished: 409,
+    TrainingRunNotFound: 404,
 }
 
 

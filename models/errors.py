@@ -61,3 +61,7 @@ class JobFinished(SdserveError):
 
 class ImageNotFound(SdserveError):
     """No saved image with that id, or its file is gone."""
+
+
+class TrainingRunNotFound(SdserveError):
+    """No training run has this id."""

@@ -92,6 +92,21 @@ class Settings(BaseSettings):
     preview_every: int = Field(
         5, ge=0, description="A small JPEG preview in every Nth progress event of a watched job; 0 disables."
     )
+    # -- training runs started through the API (POST /train) --
+    datasets_dir: Path = Field(Path("datasets"), description="Where relative dataset paths of POST /train point.")
+    training_dirs: list[Path] | None = Field(
+        None, description="Folders POST /train may read data from and write to; default: datasets_dir and output_dir."
+    )
+    training_max_running: int = Field(1, ge=1, description="Training runs at once (one per device); more wait.")
+    training_accelerate_config: Path | None = Field(
+        Path("accelerate_config.yaml"), description="accelerate config for API runs, used when the file exists."
+    )
+    training_launch_args: list[str] = Field(
+        default_factory=list, description='Extra `accelerate launch` arguments, e.g. ["--num_processes", "2"].'
+    )
+    training_stop_timeout_s: float = Field(
+        60.0, gt=0, description="How long a cancelled run may take to checkpoint before it is killed."
+    )
 
     @field_validator("max_width", "max_height")
     @classmethod

@@ -1,0 +1,139 @@
+"""LoRA layers on the UNet (and optionally the text encoder) with peft, saved in the format diffusers loads.
+
+The weights file is what `StableDiffusionPipeline.save_lora_weights` writes, including peft's adapter config (so
+`load_lora_weights` restores alpha exactly), plus `sdserve.*` metadata naming the base, the data and the options.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.training_utils import _set_state_dict_into_text_encoder, cast_training_params
+from diffusers.utils import convert_unet_state_dict_to_peft
+from peft import LoraConfig, set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from models.errors import InvalidRequest
+from training.config import TrainingOptions
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+METADATA_PREFIX = "sdserve."
+
+
+def add_lora_layers(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, options: TrainingOptions) -> None:
+    """Freeze everything, then add trainable LoRA layers (B starts at zero: the model is unchanged at step 0)."""
+    unet.add_adapter(
+        LoraConfig(
+            r=options.rank, lora_alpha=options.alpha, lora_dropout=options.lora_dropout,
+            init_lora_weights="gaussian", target_modules=options.unet_target_modules,
+        )
+    )
+    _check_targets(unet, "unet_target_modules", options.unet_target_modules)
+    if text_encoder is not None:
+        text_encoder.add_adapter(
+            LoraConfig(
+                r=options.rank, lora_alpha=options.alpha, lora_dropout=options.lora_dropout,
+                init_lora_weights="gaussian", target_modules=options.text_encoder_target_modules,
+            )
+        )
+        _check_targets(text_encoder, "text_encoder_target_modules", options.text_encoder_target_modules)
+
+
+def _check_targets(model: torch.nn.Module, option: str, targets: list[str]) -> None:
+    if not any(parameter.requires_grad for parameter in model.parameters()):
+        raise InvalidRequest(f"{option} {targets} matched no layer of the {type(model).__name__}")
+
+
+def trainable_parameters(*models: torch.nn.Module | None) -> list[torch.nn.Parameter]:
+    return [p for model in models if model is not None for p in model.parameters() if p.requires_grad]
+
+
+def keep_trainable_in_float32(*models: torch.nn.Module | None) -> None:
+    """With fp16/bf16 frozen weights, the LoRA weights and their optimizer state stay float32."""
+    cast_training_params([model for model in models if model is not None], dtype=torch.float32)
+
+
+def lora_layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """peft's own key names (`...to_q.lora_A.weight`), which load_lora_weights reads for every layer type.
+
+    Not diffusers' older `lora.down` names: their converter renames attention layers only, and a file mixing both
+    spellings loads without the attention layers.
+    """
+    return get_peft_model_state_dict(model)
+
+
+def save_lora_weights(
+    folder: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write `folder/pytorch_lora_weights.safetensors` (diffusers format) with `metadata` added, atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".weights-") as scratch:
+        StableDiffusionPipeline.save_lora_weights(
+            scratch,
+            unet_lora_layers=lora_layers(unet),
+            text_encoder_lora_layers=lora_layers(text_encoder) if text_encoder is not None else None,
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            text_encoder_lora_adapter_metadata=(
+                text_encoder.peft_config["default"].to_dict() if text_encoder is not None else None
+            ),
+            safe_serialization=True,
+        )
+        written = Path(scratch) / WEIGHTS_NAME
+        if metadata:
+            _add_metadata(written, metadata)
+        target = folder / WEIGHTS_NAME
+        os.replace(written, target)
+    return target
+
+
+def _add_metadata(path: Path, extra: dict[str, str]) -> None:
+    with safe_open(str(path), framework="pt") as stream:
+        metadata = dict(stream.metadata() or {})
+    tensors = load_file(str(path))
+    metadata.update({METADATA_PREFIX + key: str(value) for key, value in extra.items()})
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The `sdserve.*` metadata of a weights file, without the prefix."""
+    with safe_open(str(path), framework="pt") as stream:
+        metadata = stream.metadata() or {}
+    return {
+        key.removeprefix(METADATA_PREFIX): value for key, value in metadata.items() if key.startswith(METADATA_PREFIX)
+    }
+
+
+def load_lora_weights_into(folder: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:
+    """Put the LoRA weights of a checkpoint back into the training models (resume)."""
+    state = load_file(str(folder / WEIGHTS_NAME))
+    unet_state = {key.removeprefix("unet."): value for key, value in state.items() if key.startswith("unet.")}
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise InvalidRequest(f"checkpoint {folder} does not match these LoRA options: unexpected {unexpected[:3]}")
+    if text_encoder is not None:
+        if not any(key.startswith("text_encoder.") for key in state):
+            raise InvalidRequest(f"checkpoint {folder} has no text encoder LoRA but --train-text-encoder is set")
+        _set_state_dict_into_text_encoder(state, prefix="text_encoder.", text_encoder=text_encoder)
+
+
+def describe_options(options: TrainingOptions) -> dict[str, str]:
+    """The LoRA shape as metadata strings."""
+    return {
+        "rank": str(options.rank),
+        "alpha": str(options.alpha),
+        "unet_target_modules": json.dumps(options.unet_target_modules),
+        "text_encoder_target_modules": json.dumps(
+            options.text_encoder_target_modules if options.train_text_encoder else []
+        ),
+    }
