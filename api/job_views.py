@@ -34,22 +34,10 @@ def response_from_result(
     job_id: str, request: GenerationRequest, result: GenerationResult, images: list[str], output_format: str,
     cached: bool,
 ) -> GenerationResponse:
-    parameters = Parameters(
-        task=request.task,
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt,
-        width=result.width,
-        height=result.height,
-        steps=result.steps,
-        cfg_scale=result.guidance_scale,
-        strength=result.strength,
-        scheduler=result.scheduler,
-        number_of_images=len(images),
-        seed=result.seeds[0],
-        output_format=output_format,  # type: ignore[arg-type]
+    return GenerationResponse.from_result(
+        job_id, request.task, request.prompt, request.negative_prompt, output_format,  # type: ignore[arg-type]
+        result, images, dict(result.timings), cached,
     )
-    return GenerationResponse(images=images, seeds=result.seeds, model=result.model, parameters=parameters,
-                              timings=dict(result.timings), job_id=job_id, cached=cached)
 
 
 class JobResults:

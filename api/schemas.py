@@ -173,10 +173,19 @@ class GenerationResponse(BaseModel):
         cls, body: GenerationBody, task: Task, job_id: str, result: GenerationResult, images: list[str],
         timings: dict[str, float], cached: bool = False,
     ) -> GenerationResponse:
+        return cls.from_result(job_id, task, body.prompt, body.negative_prompt, body.output_format, result, images,
+                               timings, cached)
+
+    @classmethod
+    def from_result(
+        cls, job_id: str, task: Task, prompt: str, negative_prompt: str | None, output_format: OutputFormat,
+        result: GenerationResult, images: list[str], timings: dict[str, float], cached: bool = False,
+    ) -> GenerationResponse:
+        """The one place a finished generation becomes an answer, for live requests and recorded jobs alike."""
         parameters = Parameters(
             task=task,
-            prompt=body.prompt,
-            negative_prompt=body.negative_prompt,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
             width=result.width,
             height=result.height,
             steps=result.steps,
@@ -185,7 +194,7 @@ class GenerationResponse(BaseModel):
             scheduler=result.scheduler,
             number_of_images=len(images),
             seed=result.seeds[0],
-            output_format=body.output_format,
+            output_format=output_format,
             loras=[LoraUsed.from_domain(lora) for lora in result.loras],
         )
         return cls(images=images, seeds=result.seeds, model=result.model, parameters=parameters,
