@@ -26,15 +26,6 @@ def get_worker(request: Request) -> GenerationWorker:
     return request.app.state.worker
 
 
-def get_training(request: Request) -> TrainingRunManager:
-    return request.app.state.training
-
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-RegistryDep = Annotated[Registry, Depends(get_registry)]
-WorkerDep = Annotated[GenerationWorker, Depends(get_worker)]
-
-
 def get_jobs(request: Request) -> JobService:
     return request.app.state.jobs
 
@@ -43,7 +34,13 @@ def get_job_results(request: Request) -> JobResults:
     return request.app.state.job_results
 
 
+def get_training(request: Request) -> TrainingRunManager:
+    return request.app.state.training
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+WorkerDep = Annotated[GenerationWorker, Depends(get_worker)]
 JobsDep = Annotated[JobService, Depends(get_jobs)]
 JobResultsDep = Annotated[JobResults, Depends(get_job_results)]
-
 TrainingDep = Annotated[TrainingRunManager, Depends(get_training)]
