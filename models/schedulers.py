@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import diffusers
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -53,6 +54,4 @@ def make_scheduler(name: str | None, model_config: Any) -> SchedulerMixin:
 
 
 def _class_named(class_name: str) -> type[SchedulerMixin]:
-    import diffusers
-
     return getattr(diffusers, class_name)

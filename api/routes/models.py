@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, status
 from starlette.concurrency import run_in_threadpool
 
@@ -51,6 +53,4 @@ async def delete_model(name: str, registry: RegistryDep, worker: WorkerDep) -> N
 
 
 async def _unload(worker: WorkerDep, name: str) -> None:
-    import asyncio
-
     await asyncio.wrap_future(worker.call(lambda cache: cache.evict(name)))
