@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 
 from models.errors import (
     AdapterNotFound,
+    ControlNetNotFound,
     ImageNotFound,
     InvalidRequest,
     JobCancelled,
@@ -41,6 +42,7 @@ STATUS_BY_ERROR: dict[type[SdserveError], int] = {
     ImageNotFound: 404,
     JobFinished: 409,
     TrainingRunNotFound: 404,
+    ControlNetNotFound: 404,
 }
 
 

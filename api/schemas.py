@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from api.controlnet_schemas import ControlNetBody, ControlNetUsed
 from api.images import Base64Image, OutputFormat
 from models.adapters import ActiveLora, LoraSpec
 from models.engine import MAX_SEED, GenerationRequest, GenerationResult
@@ -93,6 +94,10 @@ class GenerationBody(BaseModel):
         None, description="Save the images as PNG with their parameters and list them in GET /images; "
         "default SDSERVE_SAVE_IMAGES.",
     )
+    controlnet: ControlNetBody | None = Field(
+        None, description='A ControlNet steering the image: {"name": "demo-controlnet", "image": "<base64>", '
+        '"scale": 1.0}. None: no ControlNet.',
+    )
 
     @field_validator("seed")
     @classmethod
@@ -114,6 +119,8 @@ class GenerationBody(BaseModel):
             strength=getattr(self, "strength", None),
             scheduler=self.scheduler,
             loras=[lora.to_domain() for lora in self.loras],
+            controlnet=self.controlnet.to_spec() if self.controlnet else None,
+            control_image=self.controlnet.image if self.controlnet else None,
             **images,
         )
 
@@ -157,6 +164,7 @@ class Parameters(BaseModel):
     seed: int
     output_format: OutputFormat
     loras: list[LoraUsed] = Field(default_factory=list, description="The LoRAs used, with their resolved scales.")
+    controlnet: ControlNetUsed | None = Field(None, description="The ControlNet used, if any, with its scale.")
 
 
 class GenerationResponse(BaseModel):
@@ -196,6 +204,7 @@ class GenerationResponse(BaseModel):
             seed=result.seeds[0],
             output_format=output_format,
             loras=[LoraUsed.from_domain(lora) for lora in result.loras],
+            controlnet=ControlNetUsed.from_domain(getattr(result, "controlnet", None)),
         )
         return cls(images=images, seeds=result.seeds, model=result.model, parameters=parameters,
                    timings=timings, job_id=job_id, cached=cached)

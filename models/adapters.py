@@ -98,6 +98,16 @@ def allowed_roots(settings: Settings) -> list[Path]:
     return [root.expanduser().resolve() for root in roots]
 
 
+def is_inside_roots(settings: Settings, resolved: Path) -> bool:
+    """Whether a resolved path (symlinks and `..` gone) lies in a folder client-named weights may come from.
+    ControlNets named by path use the same roots as LoRAs."""
+    return any(resolved.is_relative_to(root) for root in allowed_roots(settings))
+
+
+def is_hf_repo_id(source: str) -> bool:
+    return _HF_REPO_ID.fullmatch(source) is not None
+
+
 def with_trigger_words(prompt: str, loras: list[ActiveLora]) -> str:
     """The prompt with each used LoRA's trigger words appended, unless the prompt already has them."""
     words: list[str] = []
@@ -144,7 +154,7 @@ class LoraResolver:
 
     def _locate(self, source: str, shown: str) -> Path:
         path = Path(source).expanduser()
-        if _looks_like_path(source):
+        if looks_like_path(source):
             return self._existing(path, source, shown)
         if not _HF_REPO_ID.fullmatch(source):
             raise AdapterNotFound(
@@ -248,7 +258,7 @@ class LoraResolver:
         return resolved
 
     def _is_allowed(self, resolved: Path) -> bool:
-        return any(resolved.is_relative_to(root) for root in allowed_roots(self.settings))
+        return is_inside_roots(self.settings, resolved)
 
     def _registered_loras(self) -> str:
         return ", ".join(self.registry.names(kinds=("lora",))) or "none"
@@ -447,7 +457,7 @@ class LoraAdapters:
         return name
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
     path = Path(source)
     return (
         source.startswith(("/", "./", "../", "~", "\\"))

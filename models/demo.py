@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from filelock import FileLock
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -234,9 +234,33 @@ def build_sd15_preset() -> StableDiffusionPipeline:
     )
 
 
+def build_demo_controlnet() -> ControlNetModel:
+    """A ControlNet for the demo UNet: its encoder copied from the UNet, as ControlNet training starts, and random
+    (not zero) weights in the zero convolutions, so a control image visibly changes the demo's images."""
+    unet = _tiny_unet_from_demo()
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+    generator = torch.Generator("cpu").manual_seed(3)
+    zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                  controlnet.controlnet_cond_embedding.conv_out]
+    with torch.no_grad():
+        for conv in zero_convs:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.2)
+            conv.bias.zero_()
+    return controlnet
+
+
+def _tiny_unet_from_demo() -> UNet2DConditionModel:
+    # The same weights as the demo pipeline's UNet: build_demo_pipeline seeds the generator the same way.
+    return build_demo_pipeline().unet
+
+
 BUILDERS: dict[str, Callable[[], StableDiffusionPipeline]] = {
     "tiny": build_demo_pipeline,
     "sd15": build_sd15_preset,
+}
+# Builtin ControlNets: single models (config.json + weights), loaded with ControlNetModel.from_pretrained.
+CONTROLNET_BUILDERS: dict[str, Callable[[], ControlNetModel]] = {
+    "controlnet-tiny": build_demo_controlnet,
 }
 
 
@@ -244,21 +268,30 @@ def builtin_names() -> list[str]:
     return sorted(BUILDERS)
 
 
+def builtin_controlnet_names() -> list[str]:
+    return sorted(CONTROLNET_BUILDERS)
+
+
 def ensure_builtin(name: str, cache_dir: Path) -> Path:
-    """Build the builtin model `name` into `cache_dir` once and return its diffusers folder."""
-    if name not in BUILDERS:
+    """Build the builtin model `name` (a pipeline or a ControlNet) into `cache_dir` once and return its folder."""
+    builder: Callable[[], StableDiffusionPipeline | ControlNetModel]
+    if name in BUILDERS:
+        builder, marker = BUILDERS[name], "model_index.json"
+    elif name in CONTROLNET_BUILDERS:
+        builder, marker = CONTROLNET_BUILDERS[name], "config.json"
+    else:
         raise KeyError(name)
     target = cache_dir / "builtin" / f"{name}-v{BUILD_VERSION}"
-    if (target / "model_index.json").exists():
+    if (target / marker).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        if (target / "model_index.json").exists():
+        if (target / marker).exists():
             return target
         logger.info("building builtin model %r into %s", name, target)
         scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
         try:
-            BUILDERS[name]().save_pretrained(scratch, safe_serialization=True)
+            builder().save_pretrained(scratch, safe_serialization=True)
             scratch.rename(target)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

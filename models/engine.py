@@ -15,6 +15,7 @@ from PIL import Image
 
 from models import metrics
 from models.adapters import ActiveLora, LoraSpec, with_trigger_words
+from models.controlnets import ControlNetSpec
 from models.errors import InvalidRequest, JobCancelled
 from models.pipelines import LoadedModel
 from models.schedulers import make_scheduler
@@ -44,6 +45,8 @@ class GenerationRequest:
     image: Image.Image | None = None
     mask_image: Image.Image | None = None
     loras: list[LoraSpec] = field(default_factory=list)
+    controlnet: ControlNetSpec | None = None
+    control_image: Image.Image | None = None  # the ControlNet's conditioning image (edges, depth, pose...)
 
     def __post_init__(self) -> None:
         if self.seed is None:
@@ -63,6 +66,7 @@ class GenerationResult:
     scheduler: str
     timings: dict[str, float] = field(default_factory=dict)
     loras: list[ActiveLora] = field(default_factory=list)
+    controlnet: ControlNetSpec | None = None
 
 
 StepCallback = Callable[[int, int], None]
@@ -95,6 +99,8 @@ def check_limits(request: GenerationRequest, settings: Settings) -> None:
         problems.append(f"{request.task} needs an input image")
     if request.task == "inpainting" and request.mask_image is None:
         problems.append("inpainting needs a mask_image (white = repaint, black = keep)")
+    if request.controlnet is not None and request.control_image is None:
+        problems.append(f"ControlNet {request.controlnet.name!r} needs a control image")
     if problems:
         raise InvalidRequest("; ".join(problems))
 
@@ -163,6 +169,11 @@ def generate(
     if request.task == "inpainting":
         mask = _prepare_image(request.mask_image, width, height, "L")
         arguments |= {"mask_image": mask, "width": width, "height": height}
+    if request.controlnet is not None:
+        control = _prepare_image(request.control_image, width, height, "RGB")
+        # The text2img ControlNet pipeline takes the control image as `image`; the others take an init image there.
+        control_key = "image" if request.task == "text2img" else "control_image"
+        arguments |= {control_key: control, "controlnet_conditioning_scale": request.controlnet.scale}
 
     with torch.inference_mode():
         images = pipeline(**arguments).images
@@ -183,6 +194,7 @@ def generate(
         scheduler=request.scheduler or model.scheduler_config["_class_name"],
         timings={"inference_s": round(time.perf_counter() - started, 4)},
         loras=loras,
+        controlnet=request.controlnet,
     )
 
 

@@ -65,3 +65,7 @@ class ImageNotFound(SdserveError):
 
 class TrainingRunNotFound(SdserveError):
     """No training run has this id."""
+
+
+class ControlNetNotFound(SdserveError):
+    """A ControlNet name that is neither registered (kind controlnet) nor loaded; the message lists them."""

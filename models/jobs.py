@@ -170,7 +170,10 @@ class JobService:
         entries = self.registry.entries()
         if any(lora.name not in entries for lora in service.loras):
             return None  # a LoRA by path or preloaded name can change on disk behind the same name
-        names = [service.model, *(lora.name for lora in service.loras)]
+        controlnet = (service.parameters.get("controlnet") or {}).get("name")
+        if controlnet is not None and controlnet not in entries:
+            return None  # a ControlNet loaded with /load-controlnet/ can be replaced under the same name
+        names = [service.model, *(lora.name for lora in service.loras), *([controlnet] if controlnet else [])]
         identity = {
             "parameters": service.parameters,
             "model": service.model,

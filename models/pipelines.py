@@ -24,6 +24,7 @@ from diffusers.utils import logging as diffusers_logging
 
 from models import demo, metrics
 from models.adapters import PICKLE_SUFFIXES, LoraAdapters, LoraResolver
+from models.controlnets import ControlNets
 from models.device import DeviceConfig
 from models.errors import InvalidRequest, ModelUnavailable
 from models.registry import BASE_KINDS, Registry, RegistryEntry
@@ -63,6 +64,7 @@ class PipelineCache:
         self.device = device
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._last_used: str | None = None
+        self.controlnets = ControlNets(settings, registry, device)
         # Loading bars are for notebooks; a server logs one line per load instead.
         diffusers_logging.disable_progress_bar()
 
@@ -72,8 +74,9 @@ class PipelineCache:
     def loaded(self) -> list[LoadedModel]:
         return list(self._models.values())
 
-    def get(self, name: str, task: str) -> tuple[DiffusionPipeline, LoadedModel]:
-        """The pipeline for `task` on base `name`, loading the base or deriving the task pipeline once."""
+    def get(self, name: str, task: str, controlnet: str | None = None) -> tuple[DiffusionPipeline, LoadedModel]:
+        """The pipeline for `task` on base `name`, loading the base or deriving the task pipeline once; with a
+        `controlnet` name, the ControlNet variant of that pipeline on the same components."""
         model = self._models.get(name)
         if model is None:
             entry = self.registry.get(name, kinds=BASE_KINDS)
@@ -85,6 +88,8 @@ class PipelineCache:
         if self._last_used is not None and self._last_used != name:
             metrics.model_switched(name)
         self._last_used = name
+        if controlnet is not None:
+            return self.controlnets.pipeline_for(model, task, controlnet), model
         if task not in model.pipelines:
             model.pipelines[task] = self._derive(model, task)
         return model.pipelines[task], model
@@ -94,6 +99,7 @@ class PipelineCache:
         if model is None:
             return False
         logger.info("unloading model %r (%.0f MB)", name, model.weight_bytes / 2**20)
+        self.controlnets.forget_model(name)
         metrics.model_evicted(name, len(self._models))
         model.pipelines.clear()
         del model

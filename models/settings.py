@@ -65,6 +65,9 @@ class Settings(BaseSettings):
                 return json.loads(text)
             return [part for part in text.split(os.pathsep) if part] or None
         return value
+    max_controlnets: int = Field(
+        2, ge=1, description="ControlNets kept loaded (least recently used are unloaded); they are shared by all bases."
+    )
     log_level: str = Field(
         "INFO",
         validation_alias=AliasChoices("log_level", "SDSERVE_LOG_LEVEL", "LOG_LEVEL"),

@@ -318,7 +318,8 @@ class GenerationWorker:
         request = job.request
         model_name = request.model or self.settings.default_model
         try:
-            pipeline, model = self.cache.get(model_name, request.task)
+            controlnet = request.controlnet.name if request.controlnet is not None else None
+            pipeline, model = self.cache.get(model_name, request.task, controlnet=controlnet)
             on_step, on_latents = self._progress_hooks(job, pipeline)
             result = generate(pipeline, model, request, on_step, job.cancel_requested.is_set, on_latents=on_latents)
         except JobCancelled:

@@ -64,7 +64,7 @@ async def load_lora(body: LoadLoraBody, worker: WorkerDep, settings: SettingsDep
 @router.post("/load-lora", response_model=LoadLoraCompatResponse, include_in_schema=False)
 async def load_lora_seed_003(request: Request, worker: WorkerDep, settings: SettingsDep) -> LoadLoraCompatResponse:
     try:
-        body = LoadLoraCompatBody.model_validate(await _fields(request))
+        body = LoadLoraCompatBody.model_validate(await request_fields(request))
     except ValidationError as error:
         raise RequestValidationError(error.errors()) from error
     loaded = await load_lora(body.to_native(), worker, settings)
@@ -86,7 +86,7 @@ async def get_pipeline_state(request: Request, worker: WorkerDep, settings: Sett
     return PipelineState.build(states, request.app.state.device.describe(), settings.default_model)
 
 
-async def _fields(request: Request) -> dict[str, Any]:
+async def request_fields(request: Request) -> dict[str, Any]:
     """Seed 003 clients send these fields as query parameters, a form or JSON: take whichever came."""
     fields: dict[str, Any] = dict(request.query_params)
     content_type = request.headers.get("content-type", "")

@@ -1,0 +1,263 @@
+"""ControlNets at serving time: load once, keep a few, derive ControlNet pipelines that share the base's weights.
+
+A request names a ControlNet (a registry entry of kind `controlnet`, or a name given to one loaded ahead through
+seed 003's /load-controlnet/) and sends a control image. The worker loads the ControlNet once (bounded by
+SDSERVE_MAX_CONTROLNETS, least recently used unloaded), checks that it fits the base's UNet, and runs the
+request on `StableDiffusionControlNet*Pipeline.from_pipe(base, controlnet=...)`: the UNet, VAE and text encoder
+are the base's own objects, so the LoRAs loaded into that UNet apply unchanged.
+
+Only the generation worker thread calls ControlNets (it owns the device); nothing here touches HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from diffusers import (
+    ControlNetModel,
+    DiffusionPipeline,
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetInpaintPipeline,
+    StableDiffusionControlNetPipeline,
+)
+
+from models import demo
+from models.adapters import is_hf_repo_id, is_inside_roots, looks_like_path
+from models.device import DeviceConfig
+from models.errors import ControlNetNotFound, InvalidRequest, ModelUnavailable, PathNotAllowed
+from models.registry import Registry
+from models.settings import Settings
+
+if TYPE_CHECKING:
+    from models.pipelines import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+CONTROLNET_PIPELINES: dict[str, type[DiffusionPipeline]] = {
+    "text2img": StableDiffusionControlNetPipeline,
+    "img2img": StableDiffusionControlNetImg2ImgPipeline,
+    "inpainting": StableDiffusionControlNetInpaintPipeline,
+}
+# The UNet settings a ControlNet's residuals depend on: any difference means its outputs do not fit the UNet.
+_MATCHING_CONFIG = ("in_channels", "block_out_channels", "down_block_types", "layers_per_block",
+                    "cross_attention_dim")
+
+
+@dataclass(frozen=True)
+class ControlNetSpec:
+    """The ControlNet a request runs with; the control image travels beside it on the request."""
+
+    name: str
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class ControlNetInfo:
+    """A snapshot of a loaded ControlNet, safe to hand to other threads."""
+
+    name: str
+    source: str
+    preloaded: bool
+    loaded_at: float
+    uses: int
+
+
+@dataclass
+class _LoadedControlNet:
+    name: str
+    source: str
+    model: ControlNetModel
+    preloaded: bool = False
+    loaded_at: float = field(default_factory=time.time)
+    uses: int = 0
+
+    def info(self) -> ControlNetInfo:
+        return ControlNetInfo(self.name, self.source, self.preloaded, self.loaded_at, self.uses)
+
+
+class ControlNets:
+    """The loaded ControlNets, by name, least recently used first. One set for all bases: a ControlNet does not
+    depend on the base it runs with, as long as the architectures fit (checked per request)."""
+
+    def __init__(self, settings: Settings, registry: Registry, device: DeviceConfig):
+        self.settings = settings
+        self.registry = registry
+        self.device = device
+        self._loaded: OrderedDict[str, _LoadedControlNet] = OrderedDict()
+        # (base, task, ControlNet) -> the pipeline derived for them; dropped with the base or the ControlNet.
+        self._pipelines: dict[tuple[str, str, str], DiffusionPipeline] = {}
+
+    # -- per request -------------------------------------------------------------------------------------------
+    def pipeline_for(self, model: LoadedModel, task: str, name: str) -> DiffusionPipeline:
+        """The ControlNet pipeline for `task` on the loaded base, built on the base's own components."""
+        loaded = self._get(name)
+        check_fits(loaded.model, model.base.unet, name, model.name)
+        # Kept only once it fits: a refused ControlNet leaves the loaded set (and its memory) as it was.
+        self._remember(loaded)
+        key = (model.name, task, name)
+        pipeline = self._pipelines.get(key)
+        if pipeline is None or pipeline.unet is not model.base.unet or pipeline.controlnet is not loaded.model:
+            pipeline = self._derive(model, task, name, loaded.model)
+            self._pipelines[key] = pipeline
+        loaded.uses += 1
+        return pipeline
+
+    def forget_model(self, model_name: str) -> None:
+        """Drop the pipelines derived from a base that is being unloaded, so they do not keep it in memory."""
+        for key in [key for key in self._pipelines if key[0] == model_name]:
+            del self._pipelines[key]
+
+    def _derive(self, model: LoadedModel, task: str, name: str, controlnet: ControlNetModel) -> DiffusionPipeline:
+        factory = CONTROLNET_PIPELINES.get(task)
+        if factory is None:
+            raise InvalidRequest(f"ControlNet does not support task {task!r}; tasks: {', '.join(CONTROLNET_PIPELINES)}")
+        try:
+            # from_pipe casts every component to its dtype argument (float32 when none is given): pass the
+            # server's, or deriving would convert the shared float16 UNet of the base under its other pipelines.
+            pipeline = factory.from_pipe(model.base, controlnet=controlnet, dtype=self.device.dtype)
+        except (ValueError, TypeError) as error:
+            raise InvalidRequest(f"model {model.name!r} cannot run ControlNet {name!r}: {error}") from error
+        pipeline.set_progress_bar_config(disable=True)
+        logger.info("derived %s for model %r with ControlNet %r", type(pipeline).__name__, model.name, name)
+        return pipeline
+
+    # -- the seed 003 routes, through worker.call -------------------------------------------------------------
+    def preload(self, source: str, name: str | None = None, check_against: LoadedModel | None = None) -> ControlNetInfo:
+        """Load a ControlNet named by a registry name, a folder inside the allowed roots or a cached repo id, under
+        `name` (default: the source). With `check_against`, one that does not fit that base is refused."""
+        key = name or source
+        controlnet = self._load_model(source)
+        if check_against is not None:
+            check_fits(controlnet, check_against.base.unet, key, check_against.name)
+        if self._loaded.pop(key, None) is not None:  # one name, one ControlNet: loading a name again replaces it
+            self._forget_controlnet(key)
+        loaded = _LoadedControlNet(key, source, controlnet, preloaded=True)
+        self._remember(loaded)
+        return loaded.info()
+
+    def unload(self, name: str) -> bool:
+        loaded = self._loaded.pop(name, None)
+        if loaded is None:
+            return False
+        self._forget_controlnet(name)
+        logger.info("ControlNet %r unloaded", name)
+        return True
+
+    def loaded(self) -> list[ControlNetInfo]:
+        return [loaded.info() for loaded in self._loaded.values()]
+
+    def latest_preloaded(self) -> str | None:
+        """The ControlNet loaded most recently through /load-controlnet/ (seed 003 generates with that one)."""
+        preloaded = [loaded for loaded in self._loaded.values() if loaded.preloaded]
+        return max(preloaded, key=lambda loaded: loaded.loaded_at).name if preloaded else None
+
+    # -- internals ---------------------------------------------------------------------------------------------
+    def _get(self, name: str) -> _LoadedControlNet:
+        loaded = self._loaded.get(name)
+        entry = self.registry.entries().get(name)
+        if loaded is not None and (loaded.preloaded or entry is None or entry.source == loaded.source):
+            return loaded
+        if entry is None or entry.kind != "controlnet":
+            what = f"{name!r} is a {entry.kind} model, not a ControlNet" if entry else f"unknown ControlNet {name!r}"
+            raise ControlNetNotFound(f"{what}; {self.known()}")
+        return _LoadedControlNet(name, entry.source, self._load_model(entry.source, registry_name=name))
+
+    def known(self) -> str:
+        registered = ", ".join(self.registry.names(kinds=("controlnet",))) or "none"
+        preloaded = ", ".join(name for name, loaded in self._loaded.items() if loaded.preloaded) or "none"
+        return f"registered ControlNets: {registered}; loaded with /load-controlnet/: {preloaded}"
+
+    def _remember(self, loaded: _LoadedControlNet) -> None:
+        """Keep `loaded` as the most recently used, unloading the least recently used past the bound."""
+        self._loaded[loaded.name] = loaded
+        self._loaded.move_to_end(loaded.name)
+        while len(self._loaded) > self.settings.max_controlnets:
+            oldest = next(iter(self._loaded))
+            logger.info("unloading ControlNet %r (least recently used)", oldest)
+            self._loaded.pop(oldest)
+            self._forget_controlnet(oldest)
+
+    def _forget_controlnet(self, name: str) -> None:
+        for key in [key for key in self._pipelines if key[2] == name]:
+            del self._pipelines[key]
+
+    def _load_model(self, source: str, registry_name: str | None = None) -> ControlNetModel:
+        """ControlNetModel.from_pretrained on the server's device and dtype. A client-named source is a registry
+        name, a folder inside the allowed roots or a repo in the local HF cache; a registry entry's source is
+        trusted like a base model's."""
+        shown = registry_name or source
+        if registry_name is None:
+            entry = self.registry.entries().get(source)
+            if entry is not None:
+                if entry.kind != "controlnet":
+                    raise InvalidRequest(f"{source!r} is a {entry.kind} model, not a ControlNet; {self.known()}")
+                return self._load_model(entry.source, registry_name=source)
+        location = self._locate(source, shown, trusted=registry_name is not None)
+        started = time.perf_counter()
+        try:
+            controlnet = ControlNetModel.from_pretrained(
+                location, torch_dtype=self.device.dtype, local_files_only=not self.settings.allow_downloads
+            )
+        except (OSError, ValueError) as error:
+            logger.warning("ControlNet %r could not be loaded from %s: %s", shown, location, error)
+            raise ModelUnavailable(
+                f"ControlNet {shown!r} ({source}) could not be loaded: not a diffusers ControlNet folder "
+                "(config.json + diffusion_pytorch_model.safetensors), or a repo not in the local Hugging Face "
+                f"cache (download it once with `hf download {source}`)"
+            ) from error
+        controlnet.to(self.device.device)
+        controlnet.eval()
+        logger.info("ControlNet %r loaded from %s in %.2fs", shown, location, time.perf_counter() - started)
+        return controlnet
+
+    def _locate(self, source: str, shown: str, trusted: bool) -> str | Path:
+        if source.startswith("demo:"):
+            builtin = source.removeprefix("demo:")
+            if builtin not in demo.CONTROLNET_BUILDERS:
+                raise ModelUnavailable(
+                    f"ControlNet {shown!r}: unknown builtin {source!r}; builtin ControlNets: "
+                    + ", ".join(f"demo:{name}" for name in demo.builtin_controlnet_names())
+                )
+            return demo.ensure_builtin(builtin, self.settings.cache_dir)
+        path = Path(source).expanduser()
+        if looks_like_path(source):
+            resolved = path.resolve()
+            # Roots are checked before existence, so a refused path says nothing about what exists there.
+            if not trusted and not is_inside_roots(self.settings, resolved):
+                logger.warning("ControlNet %r refused: %s is outside the allowed roots", shown, resolved)
+                raise PathNotAllowed(
+                    f"ControlNet {shown!r} is outside the folders weights may be read from; put it under the "
+                    "models or training output folder, or add its folder to SDSERVE_LORA_ROOTS"
+                )
+            if not (resolved / "config.json").is_file():
+                raise ControlNetNotFound(f"ControlNet {shown!r}: no diffusers ControlNet folder (config.json) at "
+                                         f"{source}")
+            return resolved
+        if not is_hf_repo_id(source):
+            raise ControlNetNotFound(
+                f"unknown ControlNet {shown!r}: not a registry name, a folder or a Hugging Face repo id; {self.known()}"
+            )
+        return source
+
+
+def check_fits(controlnet: ControlNetModel, unet: Any, name: str, model_name: str) -> None:
+    """A ControlNet adds residuals to the UNet's down and mid blocks: their channels and layout must match."""
+    differences = []
+    for key in _MATCHING_CONFIG:
+        ours, theirs = _normalised(controlnet.config.get(key)), _normalised(unet.config.get(key))
+        if ours != theirs:
+            differences.append(f"{key} {ours} vs {theirs}")
+    if differences:
+        raise InvalidRequest(
+            f"ControlNet {name!r} does not fit model {model_name!r}: it was made for another base architecture "
+            f"(ControlNet vs UNet: {'; '.join(differences)})"
+        )
+
+
+def _normalised(value: Any) -> Any:
+    return list(value) if isinstance(value, list | tuple) else value
