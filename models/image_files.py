@@ -120,6 +120,10 @@ def sdserve_metadata(
         metadata["image_digest"] = image_digest(request.image)
     if request.mask_image is not None:
         metadata["mask_image_digest"] = image_digest(request.mask_image)
+    if request.controlnet is not None and request.control_image is not None:
+        # The control image itself is not stored: its digest says which one it was.
+        metadata["controlnet"] = {"name": request.controlnet.name, "scale": request.controlnet.scale}
+        metadata["control_image_digest"] = image_digest(request.control_image)
     return metadata
 
 
