@@ -16,7 +16,7 @@ from models.pipelines import PipelineCache
 from models.registry import Registry
 from models.settings import Settings
 from tests.lora_factory import random_lora, save_diffusers
-from tests.utils import from_b64, gradient_image, to_b64
+from tests.utils import from_b64, gradient_image, half_mask, to_b64
 
 CONTROL = to_b64(gradient_image(64, 64).transpose(0))  # a picture that is not the init image of img2img tests
 
@@ -76,7 +76,7 @@ def test_lora_applies_under_a_controlnet(client: TestClient, settings: Settings,
     assert image_bytes(lora_at_zero) == image_bytes(steered)
 
 
-def test_img2img_with_controlnet(client: TestClient) -> None:
+def test_img2img_and_inpainting_with_controlnet(client: TestClient) -> None:
     body = {"prompt": "a lighthouse", "image": to_b64(gradient_image(64, 64)), "steps": 4, "seed": 5,
             "strength": 0.75, "save": False}
     plain = client.post("/img2img", json=body)
@@ -84,6 +84,13 @@ def test_img2img_with_controlnet(client: TestClient) -> None:
     assert plain.status_code == steered.status_code == 200, steered.text
     assert image_bytes(plain.json()) != image_bytes(steered.json())
     assert from_b64(steered.json()["images"][0]).size == (64, 64)
+    masked = body | {"mask_image": to_b64(half_mask(64, 64)), "strength": 1.0}
+    plain = client.post("/inpainting", json=masked)
+    steered = client.post("/inpainting", json=masked | {"controlnet": {"name": "demo-controlnet", "image": CONTROL}})
+    assert plain.status_code == steered.status_code == 200, steered.text
+    plain_pixels, steered_pixels = (np.asarray(from_b64(r.json()["images"][0]), float) for r in (plain, steered))
+    assert np.abs(plain_pixels[:, 32:] - steered_pixels[:, 32:]).mean() > 1.0, "the masked half is steered"
+    assert np.array_equal(plain_pixels[:, :32], steered_pixels[:, :32]), "the kept half is kept"
 
 
 def test_controlnet_errors_leave_the_server_as_it_was(client: TestClient, settings: Settings) -> None:
