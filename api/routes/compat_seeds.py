@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from api.compat import build_body, none_if_sentinel, png_response_body, resolve_model_alias, upload_image
@@ -138,10 +138,7 @@ async def generate_image(
              summary="Seed 003: load a ControlNet for /generate-image/'s control_image")
 @router.post("/load-controlnet", response_model=LoadControlNetCompatResponse, include_in_schema=False)
 async def load_controlnet(request: Request, worker: WorkerDep, settings: SettingsDep) -> LoadControlNetCompatResponse:
-    try:
-        body = LoadControlNetCompatBody.model_validate(await request_fields(request))
-    except ValidationError as error:
-        raise RequestValidationError(error.errors()) from error
+    body = build_body(LoadControlNetCompatBody, **await request_fields(request))
     if body.lora_weights_path:
         raise InvalidRequest("ControlLoRA not supported: load a full diffusers ControlNet (send no lora_weights_path)")
     model = settings.default_model

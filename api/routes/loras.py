@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 
+from api.compat import build_body
 from api.deps import RegistryDep, SettingsDep, WorkerDep
 from api.lora_schemas import (
     LoadedLora,
@@ -63,10 +63,7 @@ async def load_lora(body: LoadLoraBody, worker: WorkerDep, settings: SettingsDep
 @router.post("/load-lora/", response_model=LoadLoraCompatResponse, summary="Seed 003: load a LoRA with a scale")
 @router.post("/load-lora", response_model=LoadLoraCompatResponse, include_in_schema=False)
 async def load_lora_seed_003(request: Request, worker: WorkerDep, settings: SettingsDep) -> LoadLoraCompatResponse:
-    try:
-        body = LoadLoraCompatBody.model_validate(await request_fields(request))
-    except ValidationError as error:
-        raise RequestValidationError(error.errors()) from error
+    body = build_body(LoadLoraCompatBody, **await request_fields(request))
     loaded = await load_lora(body.to_native(), worker, settings)
     message = f"LoRA loaded into {loaded.model!r} as adapter {loaded.adapter_name!r} with scale {loaded.scale}"
     return LoadLoraCompatResponse(message=message, **loaded.model_dump())
