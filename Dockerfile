@@ -1,11 +1,13 @@
-# GPU image: CUDA runtime, PyTorch with CUDA, the project with the xformers extra.
+# GPU image: Python 3.11 (the locks' interpreter), PyTorch's CUDA wheel from PyPI (it carries the CUDA runtime, so
+# no CUDA base image is needed; the host needs the NVIDIA driver and container toolkit), then exactly
+# requirements.lock.
 #   docker build -t sdserve .
 #   docker run --gpus all -p 8000:8000 -v sdserve-cache:/cache -v sdserve-data:/data sdserve
-FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+FROM python:3.11-slim-bookworm
 
-ENV DEBIAN_FRONTEND=noninteractive \
-    PYTHONUNBUFFERED=1 \
+ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     HF_HOME=/cache/huggingface \
@@ -14,25 +16,27 @@ ENV DEBIAN_FRONTEND=noninteractive \
     SDSERVE_REGISTRY_PATH=/data/registry.yaml \
     SDSERVE_DATA_DIR=/data \
     SDSERVE_SYSTEM_PYTHON=1 \
+    HOST=0.0.0.0 \
     PORT=8000
 
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
-    && rm -rf /var/lib/apt/lists/* \
-    && python3 -m venv /opt/venv
+RUN python -m venv /opt/venv
 
 WORKDIR /app
-# Dependencies first, so code edits do not re-download PyTorch.
-ARG TORCH_SPEC="torch"
+# Dependencies first, so code edits do not re-download PyTorch. TORCH_SPEC: the pin of requirements-torch.txt
+# (PyPI's Linux wheel of it is the CUDA build); another build of the same release can be named at build time.
+ARG TORCH_SPEC=""
+COPY requirements-torch.txt requirements.lock ./
+# The torch pin is read from requirements-torch.txt, which hadolint cannot see.
+# hadolint ignore=DL3013,SC2046,SC2086
+RUN pip install ${TORCH_SPEC:-$(grep -v '^#' requirements-torch.txt)} \
+    && pip install --require-hashes --no-deps -r requirements.lock
+
 COPY pyproject.toml README.md ./
 COPY api api
 COPY models models
 COPY training training
-# hadolint ignore=DL3013
-RUN pip install --upgrade pip \
-    && pip install ${TORCH_SPEC} \
-    && pip install ".[gpu]"
+RUN pip install --no-deps --no-build-isolation . \
+    && pip check
 
 COPY run_api.sh accelerate_config.yaml ./
 COPY scripts scripts

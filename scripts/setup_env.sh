@@ -1,8 +1,13 @@
-# Sourced by run_api.sh and run_tests.sh: create or reuse the virtual environment and install the project.
-# Sets PYTHON. Arguments: the pyproject extras to install (e.g. "dev").
-#   VENV=.venv             where the environment lives
-#   TORCH_SPEC=...         pip requirement for torch when it is not importable (default torch==2.13.0)
-#   SDSERVE_SYSTEM_PYTHON=1 use the python on PATH as it is (the Docker image installs everything at build time)
+# Sourced by run_api.sh and run_tests.sh: create or reuse the virtual environment and install exactly the lock.
+# Sets PYTHON. Arguments: "dev" for the test set-up (requirements-dev.lock), nothing for the server's.
+#   VENV=.venv              where the environment lives
+#   TORCH_SPEC=...          pip requirement for torch (default: requirements-torch.txt's pin, e.g. torch==2.13.0;
+#                           give another build of the same release, e.g. "torch==2.13.0 --index-url URL")
+#   SDSERVE_SYSTEM_PYTHON=1 use the python on PATH as it is (the Docker image installs the lock at build time)
+#
+# The locks are written by scripts/relock.sh (pip-compile, with hashes). Here they are installed with
+# --require-hashes --no-deps, so nothing the lock does not name can slip in, and re-installed whenever the lock,
+# the torch pin or pyproject.toml changes (a stamp in the venv); packages the lock dropped are removed.
 
 sdserve_setup() {
   local extras="${1:-}"
@@ -11,26 +16,41 @@ sdserve_setup() {
     return 0
   fi
   local venv="${VENV:-.venv}"
+  local lock="requirements.lock"
+  [[ "$extras" == "dev" ]] && lock="requirements-dev.lock"
   if [[ ! -x "$venv/bin/python" ]]; then
     echo "sdserve: creating virtual environment in $venv" >&2
     python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install --quiet --upgrade pip
   fi
   PYTHON="$venv/bin/python"
-  if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
-    echo "sdserve: installing ${TORCH_SPEC:-torch==2.13.0}" >&2
-    # shellcheck disable=SC2086  # TORCH_SPEC may hold several words (e.g. an --index-url)
-    "$PYTHON" -m pip install --quiet ${TORCH_SPEC:-torch==2.13.0}
-  fi
-  # Reinstall only when pyproject.toml or the extras changed, so a second start is immediate.
-  local target="."
-  [[ -n "$extras" ]] && target=".[$extras]"
+  local torch_pin torch_spec
+  torch_pin="$(grep -v '^#' requirements-torch.txt | grep -m1 .)"
+  torch_spec="${TORCH_SPEC:-$torch_pin}"
   local stamp="$venv/.sdserve-install-stamp"
   local wanted
-  wanted="$(sha256sum pyproject.toml | cut -d' ' -f1) $extras"
-  if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$wanted" ]]; then
-    echo "sdserve: installing the project ($target)" >&2
-    "$PYTHON" -m pip install --quiet -e "$target"
-    echo "$wanted" >"$stamp"
+  wanted="$(cat "$lock" requirements-torch.txt pyproject.toml | sha256sum | cut -d' ' -f1) $extras $torch_spec"
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$wanted" ]]; then
+    return 0
   fi
+  if ! "$PYTHON" - "${torch_pin#torch==}" <<'PY' >/dev/null 2>&1 || [[ -n "${TORCH_SPEC:-}" ]]; then
+import sys, torch
+sys.exit(torch.__version__.split("+")[0] != sys.argv[1])
+PY
+    echo "sdserve: installing $torch_spec" >&2
+    # shellcheck disable=SC2086  # torch_spec may hold several words (e.g. an --index-url)
+    "$PYTHON" -m pip install --quiet $torch_spec
+  fi
+  echo "sdserve: installing $lock" >&2
+  "$PYTHON" -m pip install --quiet --require-hashes --no-deps -r "$lock"
+  # The project itself, built with the locked setuptools (no isolated build fetching an unlocked one).
+  "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation -e .
+  local strays
+  strays="$("$PYTHON" scripts/lockfile.py strays "$lock")"
+  if [[ -n "$strays" ]]; then
+    echo "sdserve: removing packages the lock no longer has: $(echo "$strays" | tr '\n' ' ')" >&2
+    # shellcheck disable=SC2086  # one name per word
+    "$PYTHON" -m pip uninstall --quiet --yes $strays
+  fi
+  "$PYTHON" -m pip check >&2
+  echo "$wanted" >"$stamp"
 }

@@ -15,7 +15,7 @@ import safetensors.torch
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextModel
 
@@ -40,7 +40,7 @@ def random_lora(model_folder: Path, seed: int, rank: int = 4, magnitude: float =
     unet = UNet2DConditionModel.from_config(unet_config)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=UNET_TARGETS))
     text_encoder = CLIPTextModel.from_pretrained(model_folder / "text_encoder")
-    text_encoder.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TEXT_ENCODER_TARGETS))
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=TEXT_ENCODER_TARGETS), text_encoder)
     generator = torch.Generator().manual_seed(seed)
 
     def randomised(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ def test_hadolint_passes_on_the_dockerfile():
 
 
 def test_scripts_are_executable_and_valid_bash():
-    for script in ("run_api.sh", "run_tests.sh", ".ci/run"):
+    for script in ("run_api.sh", "run_tests.sh", ".ci/run", "scripts/relock.sh"):
         path = ROOT / script
         assert path.stat().st_mode & 0o111, f"{script} is not executable"
         assert subprocess.run(["bash", "-n", str(path)]).returncode == 0

@@ -16,7 +16,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.training_utils import _set_state_dict_into_text_encoder, cast_training_params
 from diffusers.utils import convert_unet_state_dict_to_peft
-from peft import LoraConfig, set_peft_model_state_dict
+from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -40,11 +40,14 @@ def add_lora_layers(unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
     )
     _check_targets(unet, "unet_target_modules", options.unet_target_modules)
     if text_encoder is not None:
-        text_encoder.add_adapter(
+        # peft itself rather than transformers' add_adapter: that integration gates on peft versions of its own.
+        text_encoder.requires_grad_(False)
+        inject_adapter_in_model(
             LoraConfig(
                 r=options.rank, lora_alpha=options.alpha, lora_dropout=options.lora_dropout,
                 init_lora_weights="gaussian", target_modules=options.text_encoder_target_modules,
-            )
+            ),
+            text_encoder,
         )
         _check_targets(text_encoder, "text_encoder_target_modules", options.text_encoder_target_modules)
 

@@ -1,0 +1,52 @@
+"""The locks: what CI tested is what a fresh machine installs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from scripts.lockfile import disagreements, locked_versions, mismatches, torch_pin
+from tests.conftest import ROOT
+
+PIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==")
+LOCKS = {"requirements.lock": ("gpu",), "requirements-dev.lock": ("gpu", "dev")}
+
+
+@pytest.mark.parametrize("lock, extras", LOCKS.items())
+def test_pyproject_and_lock_agree(lock: str, extras: tuple[str, ...]):
+    """A dependency added to pyproject.toml (or a range moved) without re-locking fails here."""
+    assert disagreements(ROOT / "pyproject.toml", ROOT / lock, extras) == [], "run scripts/relock.sh"
+
+
+def test_every_pin_carries_hashes():
+    for lock in LOCKS:
+        lines = (ROOT / lock).read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines):
+            if PIN.match(line):
+                assert "--hash=sha256:" in lines[number + 1], f"{lock} line {number + 1}: {line} has no hash"
+
+
+def test_both_locks_pin_shared_packages_alike():
+    runtime, dev = locked_versions(ROOT / "requirements.lock"), locked_versions(ROOT / "requirements-dev.lock")
+    assert set(runtime) <= set(dev)
+    assert {name: dev[name] for name in runtime} == runtime
+
+
+def test_the_environment_is_exactly_the_dev_lock():
+    """run_tests.sh installed requirements-dev.lock and the torch pin, and nothing else."""
+    assert mismatches(ROOT / "requirements-dev.lock") == []
+
+
+def test_known_bad_combination_is_excluded(tmp_path: Path):
+    """transformers 5.24 needs peft>=0.22, which does not exist: pyproject.toml must not allow it."""
+    lock = tmp_path / "bad.lock"
+    pins = locked_versions(ROOT / "requirements.lock") | {"transformers": "5.24.0"}
+    lock.write_text("".join(f"{name}=={version}\n" for name, version in pins.items()), encoding="utf-8")
+    problems = disagreements(ROOT / "pyproject.toml", lock, ("gpu",))
+    assert any(problem.startswith("transformers") for problem in problems), problems
+
+
+def test_torch_pin_is_a_release():
+    assert torch_pin().count(".") == 2
