@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
+from scripts.lockfile import mismatches
 from tests.conftest import ROOT, server_env
 from tests.utils import free_port, from_b64, gradient_image, half_mask, pixels, to_b64, wait_until_healthy
 
@@ -110,3 +111,5 @@ def test_run_api_script_serves_and_stops(tmp_path: Path, model_cache: Path):
     time.sleep(0.2)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+    # The test environment already holds every pin the server needs: run_api.sh must not re-sync it away.
+    assert mismatches(ROOT / "requirements-dev.lock") == []
