@@ -42,7 +42,7 @@ def wait_running(client: TestClient, job_id: str) -> dict:
 
 
 def flush_records(client: TestClient) -> None:
-    client.app.state.jobs.recorder.flush()
+    client.app.state.engine.recorder.flush()
 
 
 def test_job_is_accepted_then_succeeds_with_the_native_result(client):
