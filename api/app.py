@@ -25,7 +25,8 @@ from api.routes import (
 )
 from api.routes.ui import mount_page
 from api.serving import Answers
-from models.interface import EngineClient, open_engine
+from models.engines import open_engine
+from models.interface import EngineClient
 from models.logcontext import configure_logging
 from models.settings import Settings, get_settings
 from training.runs import TrainingRunManager

@@ -2,7 +2,8 @@
 
 `api/` calls an `EngineClient` and nothing else of the engine. Every method takes and returns the plain types of
 models/types.py (and registry entries), never a live pipeline, job or database row, so the engine behind it can
-be this process (`LocalEngine`, models/local.py) or replicas in other processes and machines.
+be this process (`LocalEngine`, models/local.py) or replicas in other processes and machines;
+`models.engines.open_engine` picks the one the settings ask for.
 
 Every method is a coroutine: call it from the event loop; an implementation does its blocking work elsewhere.
 """
@@ -14,7 +15,6 @@ from pathlib import Path
 from typing import Protocol
 
 from models.registry import RegistryEntry
-from models.settings import Settings
 from models.types import (
     ControlNetInfo,
     EngineHealth,
@@ -116,10 +116,3 @@ class EngineClient(Protocol):
     async def system_stats(self) -> dict:
         """RAM and GPUs of the machine the engine runs on (seed 003's /stats shape)."""
 
-
-def open_engine(settings: Settings) -> EngineClient:
-    """The engine the settings ask for: today the in-process one."""
-    # Imported here so that the interface's users do not load torch and diffusers by importing it.
-    from models.local import LocalEngine
-
-    return LocalEngine(settings)

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from fastapi.testclient import TestClient
+
 from models.engine.device import select_device
 from models.engine.pipelines import PipelineCache
-
-from models.registry import builtins as demo
 from models.registry import Registry
+from models.registry import builtins as demo
 from models.settings import Settings
 from tests.lora_factory import random_lora, save_diffusers
 from tests.utils import from_b64, gradient_image, half_mask, to_b64

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from models.engine.device import select_device
 from models.engine.pipelines import PipelineCache
-
 from models.registry import Registry, RegistryEntry
 
 
