@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import register_error_handlers
-from api.job_views import JobResults
 from api.observability import MetricsMiddleware, RequestIdMiddleware
 from api.routes import (
     compat_a1111,
@@ -25,48 +24,35 @@ from api.routes import (
     training,
 )
 from api.routes.ui import mount_page
-from models.device import select_device
-from models.jobs import JobService
+from api.serving import Answers
+from models.engines import open_engine
+from models.interface import EngineClient
 from models.logcontext import configure_logging
-from models.metrics import JobMetrics
-from models.pipelines import PipelineCache
-from models.registry import Registry
 from models.settings import Settings, get_settings
-from models.store import Store
-from models.training_runs import TrainingRunManager
-from models.worker import GenerationWorker
+from training.runs import TrainingRunManager
 
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, engine: EngineClient | None = None) -> FastAPI:
+    """The app. `engine` replaces the one the settings ask for (tests give a fake one)."""
     settings = settings or get_settings()
     configure_logging(settings.log_level)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        registry = Registry(settings.registry_path)
-        device = select_device(settings)
-        worker = GenerationWorker(settings, PipelineCache(settings, registry, device))
-        worker.add_observer(JobMetrics())
         app.state.settings = settings
-        app.state.registry = registry
-        app.state.device = device
-        app.state.worker = worker
-        store = Store(settings.resolved_database_url())
-        app.state.jobs = JobService(settings, worker, store, registry)
-        app.state.job_results = JobResults(app.state.jobs, settings.output_dir)
-        app.state.training = TrainingRunManager(settings, registry)
-        worker.start()
+        app.state.engine = engine or open_engine(settings)
+        app.state.answers = Answers()
+        app.state.training = TrainingRunManager(settings)
+        await app.state.engine.start()
         app.state.training.start()
         logger.info("sdserve ready to take requests; default model %r", settings.default_model)
         try:
             yield
         finally:
             app.state.training.stop()
-            worker.stop()
-            app.state.jobs.close()  # after the worker: its last events (interrupted jobs) get written
-            store.close()
+            await app.state.engine.stop()
 
     app = FastAPI(
         title="sdserve",

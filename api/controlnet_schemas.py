@@ -1,14 +1,12 @@
-"""Request and response models for ControlNet: the `controlnet` field of generation requests and seed 003's
-/load-controlnet/, /active-controlnets/ and /unload-controlnet/ routes."""
+"""Request and response models for ControlNet: the `controlnet` field of generation requests and the loaded
+ControlNets (seed 003's routes in api/compat/seeds.py build on these)."""
 
 from __future__ import annotations
-
-from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from api.images import Base64Image
-from models.controlnets import ControlNetInfo, ControlNetSpec
+from models.types import ControlNetInfo, ControlNetSpec, ControlNetUse
 
 
 class ControlNetBody(BaseModel):
@@ -30,7 +28,7 @@ class ControlNetBody(BaseModel):
     )
 
     def to_spec(self) -> ControlNetSpec:
-        return ControlNetSpec(name=self.name, scale=self.scale)
+        return ControlNetSpec(name=self.name, image=self.image, scale=self.scale)
 
 
 class ControlNetUsed(BaseModel):
@@ -38,27 +36,8 @@ class ControlNetUsed(BaseModel):
     scale: float = Field(description="The conditioning scale it ran at.")
 
     @classmethod
-    def from_domain(cls, spec: ControlNetSpec | None) -> ControlNetUsed | None:
-        return None if spec is None else cls(name=spec.name, scale=spec.scale)
-
-
-class LoadControlNetCompatBody(BaseModel):
-    """Seed 003's /load-controlnet/ fields, as JSON, form fields or query parameters."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    controlnet_path: str = Field(
-        min_length=1, max_length=1000,
-        description="A registry name (kind controlnet), a diffusers ControlNet folder inside the allowed folders, "
-        "or a Hugging Face repo id in the local cache.",
-    )
-    adapter_name: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_.-]{1,100}$", description="Name to use it by; default: controlnet_path."
-    )
-    lora_weights_path: str | None = Field(None, description="ControlLoRA weights: not supported (422).")
-    torch_dtype: Literal["float16", "float32", "bfloat16"] | None = Field(
-        None, description="Accepted for seed 003 clients and ignored: the server's device decides the dtype."
-    )
+    def from_domain(cls, used: ControlNetUse | None) -> ControlNetUsed | None:
+        return None if used is None else cls(name=used.name, scale=used.scale)
 
 
 class LoadedControlNet(BaseModel):
@@ -70,17 +49,3 @@ class LoadedControlNet(BaseModel):
     @classmethod
     def from_domain(cls, info: ControlNetInfo) -> LoadedControlNet:
         return cls(name=info.name, source=info.source, preloaded=info.preloaded, uses=info.uses)
-
-
-class LoadControlNetCompatResponse(LoadedControlNet):
-    message: str
-
-
-class ActiveControlNets(BaseModel):
-    active_controlnets: list[str] = Field(description="Names of the loaded ControlNets, least recently used first.")
-    controlnets: list[LoadedControlNet]
-
-
-class UnloadControlNetResponse(BaseModel):
-    status: Literal["success"] = "success"
-    message: str

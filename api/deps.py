@@ -6,32 +6,22 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from api.job_views import JobResults
-from models.jobs import JobService
-from models.registry import Registry
+from api.serving import Answers
+from models.interface import EngineClient
 from models.settings import Settings
-from models.training_runs import TrainingRunManager
-from models.worker import GenerationWorker
+from training.runs import TrainingRunManager
 
 
 def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_registry(request: Request) -> Registry:
-    return request.app.state.registry
+def get_engine(request: Request) -> EngineClient:
+    return request.app.state.engine
 
 
-def get_worker(request: Request) -> GenerationWorker:
-    return request.app.state.worker
-
-
-def get_jobs(request: Request) -> JobService:
-    return request.app.state.jobs
-
-
-def get_job_results(request: Request) -> JobResults:
-    return request.app.state.job_results
+def get_answers(request: Request) -> Answers:
+    return request.app.state.answers
 
 
 def get_training(request: Request) -> TrainingRunManager:
@@ -39,8 +29,6 @@ def get_training(request: Request) -> TrainingRunManager:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-RegistryDep = Annotated[Registry, Depends(get_registry)]
-WorkerDep = Annotated[GenerationWorker, Depends(get_worker)]
-JobsDep = Annotated[JobService, Depends(get_jobs)]
-JobResultsDep = Annotated[JobResults, Depends(get_job_results)]
+EngineDep = Annotated[EngineClient, Depends(get_engine)]
+AnswersDep = Annotated[Answers, Depends(get_answers)]
 TrainingDep = Annotated[TrainingRunManager, Depends(get_training)]

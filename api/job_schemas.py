@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
 from api.schemas import GenerationResponse, Img2ImgBody, InpaintingBody, Text2ImgBody
+from models.types import ImageSnapshot, JobSnapshot, JobStatus, Task
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
 JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
 
 
@@ -50,7 +50,7 @@ class ImageLink(BaseModel):
 
 class JobInfo(BaseModel):
     id: str
-    task: Literal["text2img", "img2img", "inpainting"]
+    task: Task
     status: JobStatus
     queue_position: int | None = Field(
         None, description="0 while running, 1 for the next job to run, ...; null once finished."
@@ -70,6 +70,17 @@ class JobInfo(BaseModel):
     cancel_requested: bool = False
     images: list[ImageLink] = Field(default_factory=list, description="Saved image files, once written.")
     links: JobLinks
+
+    @classmethod
+    def from_snapshot(cls, job: JobSnapshot, result: GenerationResponse | None = None) -> JobInfo:
+        return cls(
+            id=job.id, task=job.task, status=job.status, queue_position=job.queue_position, step=job.step,
+            total_steps=job.total_steps, created_at=_time(job.created_at), started_at=_time(job.started_at),
+            finished_at=_time(job.finished_at), error=job.error, result=result, model=job.model, prompt=job.prompt,
+            cached=job.cached, cancel_requested=job.cancel_requested,
+            images=[ImageLink(id=image_id, url=image_url(image_id)) for image_id in job.image_ids],
+            links=JobLinks.for_job(job.id),
+        )
 
 
 class JobList(BaseModel):
@@ -96,9 +107,26 @@ class ImageInfo(BaseModel):
     parameters: str = Field(description="The AUTOMATIC1111 `parameters` text stored in the PNG.")
     created_at: datetime
 
+    @classmethod
+    def from_snapshot(cls, image: ImageSnapshot) -> ImageInfo:
+        return cls(
+            id=image.id, url=image_url(image.id), job_id=image.job_id, index=image.index, model=image.model,
+            prompt=image.prompt, negative_prompt=image.negative_prompt, seed=image.seed, width=image.width,
+            height=image.height, sha256=image.sha256, size_bytes=image.size_bytes, file=image.path,
+            parameters=image.parameters_text, created_at=_time(image.created_at),
+        )
+
 
 class ImageList(BaseModel):
     images: list[ImageInfo] = Field(description="Newest first.")
     total: int
     limit: int
     offset: int
+
+
+def image_url(image_id: str) -> str:
+    return f"/images/{image_id}"
+
+
+def _time(stamp: float | None) -> datetime | None:
+    return None if stamp is None else datetime.fromtimestamp(stamp, timezone.utc)

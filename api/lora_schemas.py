@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-from models.adapters import LoraInfo, LoraSpec
-from models.lora_calls import ModelState
 from models.registry import RegistryEntry
-
-ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,100}$"
+from models.sources import ADAPTER_NAME_PATTERN
+from models.types import LoraInfo, LoraSpec, ModelState
 
 
 class LoadLoraBody(BaseModel):
@@ -37,21 +34,6 @@ class LoadLoraBody(BaseModel):
         return LoraSpec(name=self.name, weight_name=self.weight_name)
 
 
-class LoadLoraCompatBody(BaseModel):
-    """Seed 003's /load-lora/ fields, as JSON, form fields or query parameters."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    lora_path: str = Field(min_length=1, max_length=1000, description="LoRA file or folder (highest step wins).")
-    adapter_name: str | None = Field(None, pattern=ADAPTER_NAME_PATTERN)
-    lora_scale: float = Field(1.0, ge=-10, le=10)
-    weight_name: str | None = Field(None, min_length=1, max_length=255)
-
-    def to_native(self) -> LoadLoraBody:
-        return LoadLoraBody(name=self.lora_path, weight_name=self.weight_name, adapter_name=self.adapter_name,
-                            scale=self.lora_scale)
-
-
 class LoadedLora(BaseModel):
     model: str = Field(description="The base model the adapter is loaded into.")
     adapter_name: str = Field(description="Its name in the pipeline; DELETE /loras/{adapter_name} unloads it.")
@@ -68,10 +50,6 @@ class LoadedLora(BaseModel):
         return cls(model=model, adapter_name=info.adapter_name, name=info.reference, file=info.file,
                    scale=info.scale, trigger_words=list(info.trigger_words), preloaded=info.preloaded,
                    loaded_at=datetime.fromtimestamp(info.loaded_at, tz=timezone.utc), uses=info.uses)
-
-
-class LoadLoraCompatResponse(LoadedLora):
-    message: str
 
 
 class RegisteredLora(BaseModel):
@@ -143,7 +121,7 @@ class PipelineState(BaseModel):
     models: list[ModelPipelineState] = Field(description="Every loaded base, most recently used first.")
 
     @classmethod
-    def build(cls, states: list[ModelState], device: dict[str, Any], default_model: str) -> PipelineState:
+    def build(cls, states: list[ModelState], device: dict[str, str], default_model: str) -> PipelineState:
         models = [ModelPipelineState.from_domain(state) for state in states]
         current = models[0] if models else None
         text2img = next((p for p in current.pipelines if p.task == "text2img"), None) if current else None

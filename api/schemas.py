@@ -4,16 +4,15 @@ number_of_images, seed, width, height, image, mask_image); common aliases from o
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from api.controlnet_schemas import ControlNetBody, ControlNetUsed
 from api.images import Base64Image, OutputFormat
-from models.adapters import ActiveLora, LoraSpec
-from models.engine import MAX_SEED, GenerationRequest, GenerationResult
-
-Task = Literal["text2img", "img2img", "inpainting"]
+from models.registry import ModelKind, RegistryEntry
+from models.sources import NAME_PATTERN
+from models.types import MAX_SEED, ActiveLora, GenerationRequest, JobOptions, JobSnapshot, LoraSpec, Task
 
 
 class LoraBody(BaseModel):
@@ -104,9 +103,13 @@ class GenerationBody(BaseModel):
     def _random_seed_sentinel(cls, seed: int | None) -> int | None:
         return None if seed == -1 else seed
 
-    def to_request(self, task: Task, **images: Any) -> GenerationRequest:
+    # The task this body asks for: each route's body class sets its own.
+    TASK: ClassVar[Task] = "text2img"
+
+    def to_domain(self) -> GenerationRequest:
+        """The one mapping from a native body to the engine's request."""
         return GenerationRequest(
-            task=task,
+            task=self.TASK,
             prompt=self.prompt,
             negative_prompt=self.negative_prompt,
             model=self.model,
@@ -118,36 +121,34 @@ class GenerationBody(BaseModel):
             seed=self.seed,
             strength=getattr(self, "strength", None),
             scheduler=self.scheduler,
-            loras=[lora.to_domain() for lora in self.loras],
+            image=getattr(self, "image", None),
+            mask_image=getattr(self, "mask_image", None),
+            loras=tuple(lora.to_domain() for lora in self.loras),
             controlnet=self.controlnet.to_spec() if self.controlnet else None,
-            control_image=self.controlnet.image if self.controlnet else None,
-            **images,
         )
+
+    def options(self, source: str) -> JobOptions:
+        return JobOptions(save=self.save, output_format=self.output_format, source=source)
 
 
 class Text2ImgBody(GenerationBody):
-    def to_domain(self) -> GenerationRequest:
-        return self.to_request("text2img")
+    TASK: ClassVar[Task] = "text2img"
 
 
 class Img2ImgBody(GenerationBody):
+    TASK: ClassVar[Task] = "img2img"
     image: Base64Image = Field(description="The starting image, base64 or a data URL.")
     strength: float | None = Field(
         None, gt=0, le=1, description="How far to move from the input: near 0 keeps it, 1 ignores it (0.75)."
     )
 
-    def to_domain(self) -> GenerationRequest:
-        return self.to_request("img2img", image=self.image)
-
 
 class InpaintingBody(Img2ImgBody):
+    TASK: ClassVar[Task] = "inpainting"
     mask_image: Base64Image = Field(
         description="White where the image is repainted, black where it is kept; resized to the image if needed."
     )
     strength: float | None = Field(None, gt=0, le=1, description="How much of the masked area changes (1.0).")
-
-    def to_domain(self) -> GenerationRequest:
-        return self.to_request("inpainting", image=self.image, mask_image=self.mask_image)
 
 
 class Parameters(BaseModel):
@@ -177,23 +178,15 @@ class GenerationResponse(BaseModel):
     cached: bool = Field(False, description="Answered from the result cache (same request and explicit seed).")
 
     @classmethod
-    def build(
-        cls, body: GenerationBody, task: Task, job_id: str, result: GenerationResult, images: list[str],
-        timings: dict[str, float], cached: bool = False,
-    ) -> GenerationResponse:
-        return cls.from_result(job_id, task, body.prompt, body.negative_prompt, body.output_format, result, images,
-                               timings, cached)
-
-    @classmethod
-    def from_result(
-        cls, job_id: str, task: Task, prompt: str, negative_prompt: str | None, output_format: OutputFormat,
-        result: GenerationResult, images: list[str], timings: dict[str, float], cached: bool = False,
-    ) -> GenerationResponse:
-        """The one place a finished generation becomes an answer, for live requests and recorded jobs alike."""
+    def from_snapshot(cls, job: JobSnapshot, images: list[str], timings: dict[str, float]) -> GenerationResponse:
+        """The one place a finished generation becomes an answer: live, from the result cache, or recorded."""
+        result = job.result
+        if result is None:
+            raise ValueError(f"job {job.id} has no result")
         parameters = Parameters(
-            task=task,
-            prompt=prompt,
-            negative_prompt=negative_prompt,
+            task=job.task,
+            prompt=job.prompt,
+            negative_prompt=job.negative_prompt,
             width=result.width,
             height=result.height,
             steps=result.steps,
@@ -202,17 +195,17 @@ class GenerationResponse(BaseModel):
             scheduler=result.scheduler,
             number_of_images=len(images),
             seed=result.seeds[0],
-            output_format=output_format,
+            output_format=job.options.output_format,  # type: ignore[arg-type]
             loras=[LoraUsed.from_domain(lora) for lora in result.loras],
-            controlnet=ControlNetUsed.from_domain(getattr(result, "controlnet", None)),
+            controlnet=ControlNetUsed.from_domain(result.controlnet),
         )
         return cls(images=images, seeds=result.seeds, model=result.model, parameters=parameters,
-                   timings=timings, job_id=job_id, cached=cached)
+                   timings=timings, job_id=job.id, cached=job.cached)
 
 
 class ModelInfo(BaseModel):
     name: str
-    kind: str
+    kind: ModelKind
     source: str
     base: str | None = None
     scale: float = 1.0
@@ -223,6 +216,10 @@ class ModelInfo(BaseModel):
     created_at: datetime | None = None
     loaded: bool = False
 
+    @classmethod
+    def from_entry(cls, name: str, entry: RegistryEntry, loaded: tuple[str, ...]) -> ModelInfo:
+        return cls(name=name, loaded=name in loaded, **entry.model_dump(exclude={"weight_name", "config"}))
+
 
 class ModelList(BaseModel):
     default: str
@@ -232,8 +229,8 @@ class ModelList(BaseModel):
 class RegisterModelBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-    kind: Literal["base", "lora", "dreambooth", "controlnet"] = "base"
+    name: str = Field(pattern=NAME_PATTERN)
+    kind: ModelKind = "base"
     source: str = Field(min_length=1)
     base: str | None = None
     weight_name: str | None = None
@@ -242,6 +239,9 @@ class RegisterModelBody(BaseModel):
     trigger_words: list[str] = []
     description: str | None = None
     replace: bool = False
+
+    def to_entry(self) -> RegistryEntry:
+        return RegistryEntry(**self.model_dump(exclude={"name", "replace"}))
 
 
 class Health(BaseModel):

@@ -11,8 +11,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.training_runs import RunState, TrainingRun
+from models.types import JobStatus
 from training.config import DreamBoothOptions, LoraOptions
+from training.runs import TrainingRun
 
 
 class LoraTrainBody(BaseModel):
@@ -44,7 +45,7 @@ class TrainingProgress(BaseModel):
 class TrainingRunInfo(BaseModel):
     id: str
     kind: str
-    state: RunState
+    state: JobStatus
     queue_position: int | None = Field(None, description="1 = next to start; null unless queued.")
     created_at: datetime
     started_at: datetime | None = None

@@ -16,12 +16,12 @@ import time
 
 import torch
 
-from models.device import select_device
-from models.engine import GenerationRequest
-from models.pipelines import PipelineCache
+from models.engine.device import select_device
+from models.engine.pipelines import PipelineCache
+from models.engine.worker import GenerationWorker, Job
 from models.registry import Registry
 from models.settings import Settings
-from models.worker import GenerationWorker
+from models.types import GenerationRequest, JobOptions
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -33,8 +33,10 @@ def _peak_memory_mb(device: torch.device) -> float:
 def _timed_request(worker: GenerationWorker, size: int, steps: int, batch: int, seed: int) -> float:
     request = GenerationRequest(task="text2img", prompt="a lighthouse at dusk", width=size, height=size,
                                 steps=steps, num_images=batch, seed=seed)
+    job = Job(request=request, options=JobOptions(save=False), seed_origin="client",
+              model=worker.settings.default_model)
     started = time.perf_counter()
-    worker.submit(request).future.result()
+    worker.submit(job).future.result()
     return time.perf_counter() - started
 
 

@@ -1,9 +1,9 @@
 """Prometheus metrics of the engine: jobs, denoising throughput, model and adapter loads and switches.
 
 The pipeline cache and the engine call the small functions below when things happen; jobs are counted from
-their events by a worker observer (JobMetrics); GET /metrics (api/) renders the default prometheus_client
-registry. Metric objects are process-wide, as prometheus_client intends: several apps in one process (tests)
-add to the same counters, so tests compare before and after.
+their events (JobMetrics); the queue gauges read the worker at scrape time. GET /metrics (api/) renders the
+default prometheus_client registry. Metric objects are process-wide, as prometheus_client intends: several apps
+in one process (tests) add to the same counters, so tests compare before and after.
 """
 
 from __future__ import annotations
@@ -11,12 +11,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
 
-if TYPE_CHECKING:
-    from models.worker import Job, JobEvent
+from models.types import JobEvent
 
 PREFIX = "sdserve"
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -55,7 +53,7 @@ ADAPTER_SWITCHES = Counter(
 
 # -- jobs ---------------------------------------------------------------------------------------------------------
 class JobMetrics:
-    """A worker observer (`worker.add_observer`): counts jobs from their events.
+    """Counts jobs from their events (the engine calls it for every event of every job).
 
     Called on the thread that caused the event, under the job's event lock: it only touches counters.
     """
@@ -64,27 +62,20 @@ class JobMetrics:
         self._lock = threading.Lock()
         self._running: dict[str, float] = {}  # job id -> when it started
 
-    def __call__(self, job: Job, event: JobEvent) -> None:
-        task = job.request.task
+    def __call__(self, task: str, event: JobEvent) -> None:
         if event.kind == "queued" and event.seq == 1:  # later `queued` events only move it up the queue
             JOBS_SUBMITTED.labels(task=task).inc()
         elif event.kind == "started":
             with self._lock:
-                self._running[job.id] = event.at
+                self._running[event.job_id] = event.at
                 JOBS_RUNNING.set(len(self._running))
         elif event.terminal:
-            JOBS_FINISHED.labels(status=job.state.value).inc()
+            JOBS_FINISHED.labels(status=event.status.value).inc()
             with self._lock:
-                started_at = self._running.pop(job.id, None)
+                started_at = self._running.pop(event.job_id, None)
                 JOBS_RUNNING.set(len(self._running))
             if started_at is not None:
                 JOB_SECONDS.labels(task=task).observe(event.at - started_at)
-
-
-def queue_state(depth: int, capacity: int) -> None:
-    """Set at scrape time from the worker: the queue is the worker's, not a counter's."""
-    QUEUE_DEPTH.set(depth)
-    QUEUE_CAPACITY.set(capacity)
 
 
 # -- denoising ------------------------------------------------------------------------------------------------------

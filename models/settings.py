@@ -18,7 +18,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SDSERVE_", env_file=".env", extra="ignore")
 
-    registry_path: Path = Field(PACKAGE_DIR / "registry.yaml", description="The model registry YAML file.")
+    registry_path: Path = Field(PACKAGE_DIR / "registry" / "registry.yaml", description="The model registry YAML file.")
     cache_dir: Path = Field(Path(".cache/sdserve"), description="Where builtin demo/preset models are built.")
     output_dir: Path = Field(Path("outputs"), description="Generated images and training runs.")
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     max_loras: int = Field(
         8, ge=1, description="LoRA adapters kept loaded per base model (least recently used are unloaded)."
     )
+    max_loras_per_request: int = Field(8, ge=1, description="LoRAs one generation request may name.")
 
     @field_validator("lora_roots", mode="before")
     @classmethod

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from models import demo
+from models.registry import builtins as demo
 from tests.lora_factory import random_lora, save_diffusers
 
 FAST = {"prompt": "a red fox", "seed": 11, "steps": 2, "width": 64, "height": 64}

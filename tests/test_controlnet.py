@@ -10,10 +10,10 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from fastapi.testclient import TestClient
 
-from models import demo
-from models.device import select_device
-from models.pipelines import PipelineCache
+from models.engine.device import select_device
+from models.engine.pipelines import PipelineCache
 from models.registry import Registry
+from models.registry import builtins as demo
 from models.settings import Settings
 from tests.lora_factory import random_lora, save_diffusers
 from tests.utils import from_b64, gradient_image, half_mask, to_b64
@@ -52,14 +52,14 @@ def test_controlnet_changes_the_image_and_scale_zero_does_not(client: TestClient
 
 def test_controlnet_pipeline_shares_the_base_components(client: TestClient) -> None:
     text2img(client, controlnet={"name": "demo-controlnet", "image": CONTROL})
-    cache = client.app.state.worker.cache
+    cache = client.app.state.engine.cache
 
     def inspect(cache):
         pipeline, model = cache.get("demo", "text2img", controlnet="demo-controlnet")
         return (type(pipeline).__name__, pipeline.unet is model.base.unet, pipeline.vae is model.base.vae,
                 pipeline.text_encoder is model.base.text_encoder)
 
-    name, same_unet, same_vae, same_text_encoder = client.app.state.worker.call(inspect).result(30)
+    name, same_unet, same_vae, same_text_encoder = client.app.state.engine.worker.call(inspect).result(30)
     assert name == "StableDiffusionControlNetPipeline"
     assert same_unet and same_vae and same_text_encoder
     assert cache is not None

@@ -3,6 +3,8 @@ read-once caching, the /loras routes, and the safety rules (allowed folders, pic
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import shutil
 import time
@@ -12,12 +14,12 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from api.app import create_app
-from models import demo
-from models.adapters import allowed_roots
-from models.lora_calls import preloaded_lora_names
+from models.registry import builtins as demo
 from models.settings import Settings
+from models.sources import allowed_roots
 from tests.conftest import wait_ready
 from tests.lora_factory import (
     kohya_state_dict,
@@ -254,6 +256,36 @@ def test_registry_default_scale_and_trigger_words(client, loras):
     assert overridden["images"][0] != used["images"][0]
 
 
+def test_every_record_of_a_lora_request_says_what_ran_and_reposting_it_gives_the_same_bytes(settings, loras):
+    """A LoRA registered at scale 0.5 with a trigger word, asked for without a scale: the answer, the saved PNG's
+    A1111 text and JSON, and the recorded job (after a restart) all say 0.5 and the prompt with the trigger word,
+    and posting the saved request again makes the same pixels."""
+    uncached = settings.model_copy(update={"result_cache_size": 0})
+    with TestClient(create_app(uncached)) as client:
+        wait_ready(client)
+        register(client, "fox-style", loras / "a", scale=0.5, trigger_words=["in fox style"])
+        live = generate(client, ["fox-style"], save=True)
+        used = {"name": "fox-style", "adapter_name": "fox-style", "scale": 0.5, "trigger_words": ["in fox style"]}
+        assert live["parameters"]["loras"] == [used]
+        client.app.state.engine.recorder.flush()
+        listed = client.get("/images").json()["images"][0]
+        assert listed["prompt"] == "a red fox, in fox style"
+        assert listed["parameters"].startswith("a red fox, in fox style <lora:fox-style:0.5>\n")
+        png = Image.open(io.BytesIO(client.get(listed["url"]).content))
+        saved_request = json.loads(png.text["sdserve"])["request"]
+        assert saved_request["prompt"] == "a red fox, in fox style"
+        assert saved_request["loras"] == [{"name": "fox-style", "scale": 0.5}]
+        again = client.post("/text2img", json={key: value for key, value in saved_request.items() if key != "task"})
+        assert again.status_code == 200, again.text
+        assert again.json()["images"] == live["images"]
+        assert again.json()["parameters"]["loras"] == [used]
+    with TestClient(create_app(uncached)) as restarted:  # only the database remembers the job now
+        wait_ready(restarted)
+        recorded = restarted.get(f"/jobs/{live['job_id']}").json()["result"]
+        assert recorded["images"] == live["images"]
+        assert recorded["parameters"] == live["parameters"]
+
+
 def test_lora_is_read_from_disk_once(client, loras, monkeypatch):
     files = FileReads(monkeypatch, loras.root)
     for _ in range(3):
@@ -288,12 +320,22 @@ def test_least_recently_used_adapter_is_unloaded_past_the_bound(settings, loras,
         assert adapters(client) == ["c", "a"]
         assert len(files.reads) == 4
         assert image(client) == base
-        assert "at most 2" in refused(client, [str(loras / "a"), str(loras / "b"), str(loras / "c")], 422)
+        three = [str(loras / "a"), str(loras / "b"), str(loras / "c")]
+        assert "only 2 are kept loaded per model (SDSERVE_MAX_LORAS)" in refused(client, three, 422)
+
+
+def test_loras_per_request_have_a_limit_of_their_own(settings, loras):
+    """SDSERVE_MAX_LORAS_PER_REQUEST bounds one request; SDSERVE_MAX_LORAS how many stay loaded."""
+    with TestClient(create_app(settings.model_copy(update={"max_loras_per_request": 1}))) as client:
+        wait_ready(client)
+        message = refused(client, [str(loras / "a"), str(loras / "b")], 422)
+        assert "2 LoRAs in one request; at most 1 (SDSERVE_MAX_LORAS_PER_REQUEST)" in message
+        assert client.get("/loras").json()["loaded"] == {"demo": []}  # refused before anything was loaded
 
 
 def test_unloading_the_base_drops_its_adapters(client, loras):
     with_lora = image(client, [str(loras / "a")])
-    assert client.app.state.worker.call(lambda cache: cache.evict("demo")).result(timeout=30)
+    assert client.app.state.engine.worker.call(lambda cache: cache.evict("demo")).result(timeout=30)
     assert client.get("/loras").json()["loaded"] == {}
     assert image(client, [str(loras / "a")]) == with_lora
 
@@ -420,8 +462,8 @@ def test_preload_list_use_and_unload(client, loras, monkeypatch):
     assert image(client) != used["images"][0]  # preloading does not apply it to requests that do not name it
     assert files.reads == ["pytorch_lora_weights.safetensors"]
 
-    worker = client.app.state.worker
-    assert worker.call(lambda cache: preloaded_lora_names(cache, "demo")).result(timeout=30) == ["mine"]
+    worker = client.app.state.engine.worker
+    assert worker.call(lambda cache: cache.preloaded_lora_names("demo")).result(timeout=30) == ["mine"]
     state = client.get("/pipeline-state/").json()
     assert state["base_model"] == "demo" and state["loaded_adapters"] == ["mine"]
     assert state["device"] == "cpu" and state["dtype"] == "float32" and state["scheduler"] == "DDIMScheduler"

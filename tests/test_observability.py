@@ -197,6 +197,6 @@ def test_server_log_lines_carry_request_and_job_ids(server):
             break
         time.sleep(0.05)
     # Logged on the event loop (queued, access line) and on the worker thread (done), all with the id.
-    assert any("models.worker" in line and f"job {job_id} queued" in line for line in lines), lines
-    assert any("models.worker" in line and f"job={job_id}" in line and "done" in line for line in lines), lines
+    assert any("models.engine.worker" in line and f"job {job_id} queued" in line for line in lines), lines
+    assert any("models.engine.worker" in line and f"job={job_id}" in line and "done" in line for line in lines), lines
     assert any("api.access" in line and "POST /text2img -> 200" in line for line in lines), lines

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from models.device import select_device
-from models.pipelines import PipelineCache
+from models.engine.device import select_device
+from models.engine.pipelines import PipelineCache
 from models.registry import Registry, RegistryEntry
 
 

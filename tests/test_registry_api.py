@@ -41,7 +41,7 @@ def test_local_diffusers_folder_serves_like_the_builtin(client, settings, tmp_pa
     """The path real checkpoints take: a folder with model_index.json, registered by path."""
     import shutil
 
-    from models.demo import ensure_builtin
+    from models.registry.builtins import ensure_builtin
 
     folder = shutil.copytree(ensure_builtin("tiny", settings.cache_dir), tmp_path / "my-model")
     assert client.post("/models", json={"name": "local", "source": str(folder)}).status_code == 201

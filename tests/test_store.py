@@ -14,12 +14,12 @@ from alembic.script import ScriptDirectory
 from PIL import Image
 from sqlalchemy import inspect
 
-from api.job_views import image_path
-from models.engine import GenerationRequest, GenerationResult
+from models.engine.worker import Job
 from models.errors import ImageNotFound
-from models.image_files import AdapterUse, a1111_parameters, read_metadata, save_png, sdserve_metadata
-from models.store import MIGRATIONS_DIR, Base, ImageRecord, Store, StoreUnavailable
-from models.worker import Job, JobState
+from models.jobs.image_files import a1111_parameters, read_metadata, save_png, sdserve_metadata
+from models.jobs.records import image_path
+from models.jobs.store import MIGRATIONS_DIR, Base, ImageRecord, Store, StoreUnavailable
+from models.types import ActiveLora, GenerationRequest, GenerationResult, JobOptions, JobStatus
 
 
 def sqlite_url(tmp_path: Path) -> str:
@@ -126,23 +126,25 @@ def test_png_carries_a1111_parameters_and_a_reproducible_request(tmp_path):
     request = GenerationRequest(task="img2img", prompt="a fox", negative_prompt="blurry", steps=20, seed=41,
                                 guidance_scale=6.5, image=Image.new("RGB", (64, 64), "red"), scheduler="euler_a")
     image = Image.new("RGB", (64, 64), "blue")
-    result = GenerationResult(images=[image, image], seeds=[41, 42], model="demo", width=64, height=64, steps=20,
-                              guidance_scale=6.5, strength=0.6, scheduler="euler_a")
-    loras = [AdapterUse("style", 0.8, "ab" * 32)]
-    parameters = a1111_parameters(request, result, 1, "cd" * 32, loras)
+    lora = ActiveLora("style", "style", 0.8, ("pastel",), sha256="ab" * 32)
+    result = GenerationResult(images=[image, image], seeds=[41, 42], model="demo", prompt="a fox, pastel",
+                              negative_prompt="blurry", width=64, height=64, steps=20, guidance_scale=6.5,
+                              strength=0.6, scheduler="euler_a", scheduler_name="euler_a", loras=(lora,),
+                              model_sha256="cd" * 32)
+    parameters = a1111_parameters(result, 1)
     assert parameters.splitlines() == [
-        "a fox <lora:style:0.8>",
+        "a fox, pastel <lora:style:0.8>",
         "Negative prompt: blurry",
         "Steps: 20, Sampler: euler_a, CFG scale: 6.5, Seed: 42, Size: 64x64, Model hash: cdcdcdcdcd, Model: demo, "
         'Denoising strength: 0.6, Lora hashes: "style: abababababab", Version: sdserve',
     ]
-    metadata = sdserve_metadata(request, result, 1, "cd" * 32, loras, "j" * 32)
+    metadata = sdserve_metadata(request, result, 1, "j" * 32)
     saved = save_png(image, tmp_path / "images" / "x.png", parameters, metadata)
     assert saved.path.is_file() and len(saved.sha256) == 64
     text, data = read_metadata(saved.path)
     assert text == parameters
     assert data["request"] == {
-        "task": "img2img", "prompt": "a fox", "negative_prompt": "blurry", "model": "demo", "width": 64,
+        "task": "img2img", "prompt": "a fox, pastel", "negative_prompt": "blurry", "model": "demo", "width": 64,
         "height": 64, "steps": 20, "cfg_scale": 6.5, "seed": 42, "number_of_images": 1, "scheduler": "euler_a",
         "strength": 0.6, "loras": [{"name": "style", "scale": 0.8}],
     }
@@ -152,7 +154,8 @@ def test_png_carries_a1111_parameters_and_a_reproducible_request(tmp_path):
 
 # -- job events ---------------------------------------------------------------------------------------------------
 def make_job() -> Job:
-    return Job(request=GenerationRequest(task="text2img", prompt="x", seed=1))
+    return Job(request=GenerationRequest(task="text2img", prompt="x", seed=1), options=JobOptions(),
+               seed_origin="client", model="demo")
 
 
 def test_job_events_replay_current_state_to_late_subscribers():
@@ -161,21 +164,21 @@ def test_job_events_replay_current_state_to_late_subscribers():
     job.emit("queued", position=2)
     job.emit("queued", position=1)
     late = job.subscribe(lambda event: None)
-    assert [(event.kind, event.data["position"]) for event in late] == [("queued", 1)]
+    assert [(event.kind, event.position) for event in late] == [("queued", 1)]
 
-    job.state = JobState.running
+    job.status = JobStatus.running
     job.emit("started")
     job.emit("progress", step=1, total_steps=4)
     job.emit("progress", step=2, total_steps=4)
     running = job.subscribe(lambda event: None)
     assert [event.kind for event in running] == ["started", "progress"]
-    assert running[1].data == {"status": "running", "step": 2, "total_steps": 4}
+    assert (running[1].status, running[1].step, running[1].total_steps) == (JobStatus.running, 2, 4)
 
-    job.state = JobState.cancelled
+    job.status = JobStatus.cancelled
     job.emit("cancelled", detail="cancelled")
     assert job.emit("progress", step=3, total_steps=4) is None  # nothing follows the end
     finished = job.subscribe(lambda event: None)
-    assert [(event.kind, event.data["status"]) for event in finished] == [("cancelled", "cancelled")]
+    assert [(event.kind, event.status) for event in finished] == [("cancelled", JobStatus.cancelled)]
     assert [event.seq for event in late + running + finished] == [2, 3, 5, 6]
 
 
@@ -205,21 +208,3 @@ def test_unsubscribed_listener_hears_nothing_more():
     job.unsubscribe(listener)
     job.emit("started")
     assert heard == ["queued"] and not job.watched
-
-
-def test_loras_are_read_from_any_request_shape():
-    from dataclasses import dataclass
-
-    from models.jobs import _adapters_of
-
-    @dataclass
-    class Spec:  # the shape the LoRA routes give: name, weight_name, scale
-        name: str
-        weight_name: str | None = None
-        scale: float | None = None
-
-    request = GenerationRequest(task="text2img", prompt="x", seed=1)
-    request.loras = [Spec("style", None, 0.7), Spec("other", "w.safetensors"), "plain", {"name": "d", "weight": 2}]
-    assert _adapters_of(request) == [
-        ("style", 0.7, None), ("other", None, "w.safetensors"), ("plain", None, None), ("d", 2.0, None)
-    ]

@@ -14,8 +14,8 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from models import demo
 from models.registry import Registry
+from models.registry import builtins as demo
 from tests.training_helpers import fast_options, instance_images, shapes_dataset
 from training import train_dreambooth_lora, train_lora
 from training.adapters import WEIGHTS_NAME, read_metadata

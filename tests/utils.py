@@ -90,3 +90,31 @@ def wait_for(predicate, timeout_s: float = 60.0, interval_s: float = 0.05):
             return value
         time.sleep(interval_s)
     raise TimeoutError(f"condition not met within {timeout_s}s")
+
+
+class StepGate:
+    """Holds the real engine's jobs with a given prompt at their first denoising step until the test opens the
+    gate (or the job is cancelled): a deterministic "slow job". It is a worker observer, so it runs on the worker
+    thread inside the step callback; cancelling the held job releases it at once, like a step ending."""
+
+    def __init__(self, client, prompt: str):
+        import threading
+
+        self.prompt = prompt
+        self.reached = threading.Event()
+        self.opened = threading.Event()
+        client.app.state.engine.worker.add_observer(self._observe)
+
+    def _observe(self, job, event) -> None:
+        if event.kind != "progress" or job.request.prompt != self.prompt or self.opened.is_set():
+            return
+        self.reached.set()
+        while not self.opened.wait(0.02) and not job.cancel_requested.is_set():
+            pass
+
+    def wait_reached(self, timeout_s: float = 60.0) -> None:
+        if not self.reached.wait(timeout_s):
+            raise TimeoutError(f"no job with prompt {self.prompt!r} reached its first step")
+
+    def open(self) -> None:
+        self.opened.set()

@@ -1,9 +1,9 @@
 """The base a run trains on: a registry name or a path, loaded through the server's own pipeline code.
 
-Loading goes through `models.pipelines.PipelineCache`, so training accepts exactly the sources the server does
+Loading goes through `models.engine.pipelines.PipelineCache`, so training accepts exactly the sources the server does
 (demo builtins, diffusers folders, Hugging Face ids in the local cache, single .safetensors files) with the same
-error messages, and validation / class images are rendered by `models.engine.generate`, the function that serves
-requests: what a run shows is what the server will show.
+error messages, and validation / class images are rendered by `models.engine.generate.generate`, the function that
+serves requests: what a run shows is what the server will show.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from PIL import Image
 
-from models.device import DeviceConfig
-from models.engine import GenerationRequest, generate
+from models.engine.device import DeviceConfig
+from models.engine.generate import generate
+from models.engine.pipelines import LoadedModel, PipelineCache
 from models.errors import InvalidRequest, ModelNotFound
-from models.pipelines import LoadedModel, PipelineCache
 from models.registry import BASE_KINDS, Registry, RegistryEntry
 from models.settings import Settings
+from models.types import GenerationRequest
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def weights_sha256(*modules: torch.nn.Module) -> str:
 def make_renderer(
     pipeline: DiffusionPipeline, model: LoadedModel
 ) -> Callable[[str, int, int, int, float, int], list[Image.Image]]:
-    """render(prompt, seed, size, steps, guidance, count): images through the serving path (models.engine)."""
+    """render(prompt, seed, size, steps, guidance, count): images through the serving path (models.engine.generate)."""
 
     def render(prompt: str, seed: int, size: int, steps: int, guidance: float, count: int) -> list[Image.Image]:
         request = GenerationRequest(

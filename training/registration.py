@@ -26,7 +26,7 @@ def check_registration(options: TrainingOptions, base: BaseChoice, registry: Reg
     if base.name is None:
         raise InvalidRequest(
             f"--register needs --base to be a registered model name, not a path ({base.requested}); "
-            "register the base first (POST /models or models/registry.yaml)"
+            "register the base first (POST /models or the registry file, SDSERVE_REGISTRY_PATH)"
         )
     if options.register_as == base.name:
         raise InvalidRequest(f"--register {options.register_as!r} is the base's own name; choose another")

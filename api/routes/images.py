@@ -6,12 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import FileResponse
-from starlette.concurrency import run_in_threadpool
 
-from api.deps import JobsDep, SettingsDep
-from api.job_schemas import ImageList
-from api.job_views import image_info, image_path
-from models.errors import ImageNotFound
+from api.deps import EngineDep
+from api.job_schemas import ImageInfo, ImageList
 
 router = APIRouter(prefix="/images", tags=["images"])
 ImageId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="An id from GET /images or a job.")]
@@ -19,14 +16,15 @@ ImageId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="An id from
 
 @router.get("", response_model=ImageList, summary="Saved images, newest first")
 async def list_images(
-    jobs: JobsDep,
+    engine: EngineDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
     model: Annotated[str | None, Query(max_length=200, description="Only this model's images.")] = None,
     prompt: Annotated[str | None, Query(max_length=500, description="Only prompts containing this text.")] = None,
 ) -> ImageList:
-    records, total = await run_in_threadpool(jobs.store.list_images, limit, offset, model, prompt)
-    return ImageList(images=[image_info(record) for record in records], total=total, limit=limit, offset=offset)
+    page = await engine.images(limit, offset, model, prompt)
+    return ImageList(images=[ImageInfo.from_snapshot(image) for image in page.items], total=page.total, limit=limit,
+                     offset=offset)
 
 
 @router.get(
@@ -35,9 +33,6 @@ async def list_images(
     summary="The PNG file, with its generation parameters in text chunks",
     responses={200: {"content": {"image/png": {}}}, 404: {"description": "Unknown id or file deleted"}},
 )
-async def get_image(image_id: ImageId, jobs: JobsDep, settings: SettingsDep) -> FileResponse:
-    record = await run_in_threadpool(jobs.store.get_image, image_id)
-    if record is None:
-        raise ImageNotFound(f"no image {image_id!r}")
-    path = await run_in_threadpool(image_path, settings.output_dir, record)
+async def get_image(image_id: ImageId, engine: EngineDep) -> FileResponse:
+    _, path = await engine.image_file(image_id)
     return FileResponse(path, media_type="image/png", filename=path.name, content_disposition_type="inline")

@@ -2,36 +2,36 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 
-from api.deps import SettingsDep, WorkerDep
+from api.deps import EngineDep
 from api.schemas import Health
-from models.schedulers import scheduler_names
-from models.worker import WorkerState
+from models.types import EngineState
 
 router = APIRouter(tags=["system"])
 
 _STATUS = {
-    WorkerState.starting: "loading",
-    WorkerState.loading: "loading",
-    WorkerState.ready: "ok",
-    WorkerState.failed: "degraded",
-    WorkerState.stopped: "stopped",
+    EngineState.starting: "loading",
+    EngineState.loading: "loading",
+    EngineState.ready: "ok",
+    EngineState.failed: "degraded",
+    EngineState.stopped: "stopped",
 }
 
 
 @router.get("/health", response_model=Health, summary="Ready when the default model is loaded")
-async def health(request: Request, response: Response, worker: WorkerDep, settings: SettingsDep) -> Health:
-    state = _STATUS[worker.state]
-    if state != "ok":
+async def health(response: Response, engine: EngineDep) -> Health:
+    state = await engine.health()
+    status = _STATUS[state.state]
+    if status != "ok":
         response.status_code = 503
     return Health(
-        status=state,  # type: ignore[arg-type]
-        worker=worker.state.value,
-        default_model=settings.default_model,
-        loaded_models=worker.cache.loaded_names(),
-        queue_depth=worker.queue_depth(),
-        device=request.app.state.device.describe(),
-        schedulers=scheduler_names(),
-        error=worker.startup_error,
+        status=status,  # type: ignore[arg-type]
+        worker=state.state.value,
+        default_model=state.default_model,
+        loaded_models=list(state.loaded_models),
+        queue_depth=state.queue_depth,
+        device=state.device,
+        schedulers=list(state.schedulers),
+        error=state.error,
     )

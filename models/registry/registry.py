@@ -10,44 +10,24 @@ from __future__ import annotations
 import io
 import logging
 import os
-import re
 import tempfile
 import threading
-from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from filelock import FileLock
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import YAMLError
 
 from models.errors import ModelNotFound, RegistryError
+from models.registry.entries import RegistryEntry
+from models.sources import is_valid_name
 
 logger = logging.getLogger(__name__)
 
-ModelKind = Literal["base", "lora", "dreambooth", "controlnet"]
-BASE_KINDS: tuple[str, ...] = ("base", "dreambooth")
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
-
 PACKAGED_REGISTRY = Path(__file__).resolve().parent / "registry.yaml"
-
-
-class RegistryEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    kind: ModelKind = "base"
-    source: str = Field(min_length=1, description="demo:NAME, HF repo id, local folder or single file")
-    base: str | None = Field(None, description="Base model name, for adapters")
-    weight_name: str | None = Field(None, description="File inside a folder or repo, when not the default")
-    config: str | None = Field(None, description="Diffusers config folder or repo for single-file checkpoints")
-    scale: float = Field(1.0, description="Default adapter scale")
-    trigger_words: list[str] = Field(default_factory=list)
-    sha256: str | None = None
-    created_by: str | None = Field(None, description="Training run id that produced this entry")
-    created_at: datetime | None = None
-    description: str | None = None
 
 
 class Registry:
@@ -171,7 +151,7 @@ def _parse(text: str, path: Path) -> dict[str, RegistryEntry]:
     entries: dict[str, RegistryEntry] = {}
     for name, raw in models.items():
         line = _line_of(models, name)
-        if not isinstance(name, str) or not _valid_name(name):
+        if not isinstance(name, str) or not is_valid_name(name):
             raise RegistryError(f"{path} line {line}: invalid model name {name!r} (letters, digits, . _ -)")
         try:
             entries[name] = RegistryEntry.model_validate(raw if raw is not None else {})
@@ -186,7 +166,3 @@ def _line_of(mapping: Any, key: Any) -> int | str:
         return mapping.lc.key(key)[0] + 1
     except (AttributeError, KeyError, TypeError):
         return "?"
-
-
-def _valid_name(name: str) -> bool:
-    return re.fullmatch(NAME_PATTERN, name) is not None

@@ -1,6 +1,7 @@
 """Loading base models and keeping them: one load per base, derived task pipelines, an LRU bound.
 
-Only the generation worker calls into this module, so it needs no locking of its own.
+Only the generation worker thread calls into this module (jobs, and administration calls between jobs), so it
+needs no locking of its own.
 """
 
 from __future__ import annotations
@@ -14,26 +15,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import (
-    AutoPipelineForImage2Image,
-    AutoPipelineForInpainting,
-    DiffusionPipeline,
-    StableDiffusionPipeline,
-)
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 
-from models import demo, metrics
-from models.adapters import PICKLE_SUFFIXES, LoraAdapters, LoraResolver
-from models.controlnets import ControlNets
-from models.device import DeviceConfig
-from models.errors import InvalidRequest, ModelUnavailable
-from models.registry import BASE_KINDS, Registry, RegistryEntry
+from models import metrics
+from models.engine.controlnets import ControlNets
+from models.engine.device import DeviceConfig
+from models.engine.loras import LoraAdapters, LoraResolver
+from models.errors import AdapterNotFound, InvalidRequest, ModelUnavailable
+from models.registry import BASE_KINDS, Registry, RegistryEntry, builtins
 from models.settings import Settings
+from models.sources import looks_like_path, pickle_refusal
+from models.tasks import task_spec
+from models.types import ControlNetInfo, LoraInfo, LoraSpec, ModelState, PipelineInfo
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("text2img", "img2img", "inpainting")
-SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
 
 @dataclass
@@ -44,8 +41,8 @@ class LoadedModel:
     scheduler_config: Any
     weight_bytes: int
     load_seconds: float
+    loras: LoraAdapters  # the LoRAs loaded into this base, shared by its derived pipelines
     loaded_at: float = field(default_factory=time.time)
-    loras: LoraAdapters | None = None  # the LoRAs loaded into this base, shared by its derived pipelines
 
     @property
     def base(self) -> DiffusionPipeline:
@@ -63,6 +60,8 @@ class PipelineCache:
         self.registry = registry
         self.device = device
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        # The loaded names, replaced whole at every change: other threads (health) read it without a lock.
+        self.loaded_now: tuple[str, ...] = ()
         self._last_used: str | None = None
         self.controlnets = ControlNets(settings, registry, device)
         # Loading bars are for notebooks; a server logs one line per load instead.
@@ -85,11 +84,12 @@ class PipelineCache:
             self._enforce_bounds(keep=name)
             metrics.model_loaded(name, model.load_seconds, len(self._models))
         self._models.move_to_end(name)
+        self.loaded_now = tuple(self._models)
         if self._last_used is not None and self._last_used != name:
             metrics.model_switched(name)
         self._last_used = name
         if controlnet is not None:
-            return self.controlnets.pipeline_for(model, task, controlnet), model
+            return self.controlnets.pipeline_for(model.base, name, task, controlnet), model
         if task not in model.pipelines:
             model.pipelines[task] = self._derive(model, task)
         return model.pipelines[task], model
@@ -98,6 +98,7 @@ class PipelineCache:
         model = self._models.pop(name, None)
         if model is None:
             return False
+        self.loaded_now = tuple(self._models)
         logger.info("unloading model %r (%.0f MB)", name, model.weight_bytes / 2**20)
         self.controlnets.forget_model(name)
         metrics.model_evicted(name, len(self._models))
@@ -107,6 +108,53 @@ class PipelineCache:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return True
+
+    # -- administration between jobs: LoRAs and ControlNets loaded ahead, what is loaded where ------------------
+    def preload_lora(self, model_name: str, spec: LoraSpec, adapter_name: str | None, scale: float | None) -> LoraInfo:
+        _, model = self.get(model_name, "text2img")
+        return model.loras.preload(spec, adapter_name, scale)
+
+    def unload_lora(self, name: str, model_name: str | None = None) -> dict[str, list[str]]:
+        """Unload a LoRA (by adapter name or the reference it was loaded with) from one base or from all."""
+        unloaded: dict[str, list[str]] = {}
+        for model in self.loaded():
+            if model_name in (None, model.name):
+                names = model.loras.unload(name)
+                if names:
+                    unloaded[model.name] = names
+        if not unloaded:
+            loaded = sorted({lora.adapter_name for model in self.loaded() for lora in model.loras.loaded()})
+            where = f" on model {model_name!r}" if model_name else ""
+            raise AdapterNotFound(f"no LoRA {name!r} is loaded{where}; loaded: {', '.join(loaded) or 'none'}")
+        return unloaded
+
+    def loaded_loras(self) -> dict[str, list[LoraInfo]]:
+        return {model.name: model.loras.loaded() for model in self.loaded()}
+
+    def preloaded_lora_names(self, model_name: str) -> list[str]:
+        """Adapter names loaded ahead (POST /loras) on a base: seed 003 applies them to every generation after."""
+        model = self._models.get(model_name)
+        return [info.adapter_name for info in model.loras.loaded() if info.preloaded] if model else []
+
+    def preload_controlnet(self, source: str, name: str | None, check_model: str) -> ControlNetInfo:
+        """Load a ControlNet ahead, refused now if it does not fit `check_model`'s UNet."""
+        base, _ = self.get(check_model, "text2img")
+        return self.controlnets.preload(source, name, check_against=(check_model, base))
+
+    def state(self) -> list[ModelState]:
+        """Every loaded base, most recently used first, with its task pipelines, schedulers and adapters."""
+        return [
+            ModelState(
+                name=model.name,
+                pipelines=tuple(PipelineInfo(task, type(pipeline).__name__, type(pipeline.scheduler).__name__)
+                                for task, pipeline in model.pipelines.items()),
+                weight_bytes=model.weight_bytes,
+                loaded_at=model.loaded_at,
+                loras=tuple(model.loras.loaded()),
+                applied_loras=tuple(model.loras.applied()),
+            )
+            for model in reversed(self.loaded())
+        ]
 
     def _enforce_bounds(self, keep: str) -> None:
         budget = self.settings.memory_budget_gb
@@ -147,12 +195,12 @@ class PipelineCache:
         try:
             if source.startswith("demo:"):
                 builtin = source.removeprefix("demo:")
-                if builtin not in demo.BUILDERS:
+                if builtin not in builtins.BUILDERS:
                     raise ModelUnavailable(
                         f"model {name!r}: unknown builtin {source!r}; builtins: "
-                        + ", ".join(f"demo:{b}" for b in demo.builtin_names())
+                        + ", ".join(f"demo:{b}" for b in builtins.builtin_names())
                     )
-                folder = demo.ensure_builtin(builtin, self.settings.cache_dir)
+                folder = builtins.ensure_builtin(builtin, self.settings.cache_dir)
                 return DiffusionPipeline.from_pretrained(folder, **options)
             path = Path(source).expanduser()
             if path.is_file():
@@ -163,7 +211,7 @@ class PipelineCache:
                         f"model {name!r}: {path} is not a diffusers folder (no model_index.json)"
                     )
                 return DiffusionPipeline.from_pretrained(path, **options)
-            if source.startswith(("/", "./", "../", "~")) or source.endswith(SINGLE_FILE_SUFFIXES):
+            if looks_like_path(source):
                 raise ModelUnavailable(f"model {name!r}: no file or folder at {source}")
             return DiffusionPipeline.from_pretrained(
                 source, local_files_only=not self.settings.allow_downloads, **options
@@ -177,11 +225,9 @@ class PipelineCache:
     def _from_single_file(
         self, name: str, entry: RegistryEntry, path: Path, options: dict[str, Any]
     ) -> DiffusionPipeline:
-        if path.suffix in PICKLE_SUFFIXES and not self.settings.allow_pickle:
-            raise ModelUnavailable(
-                f"model {name!r}: {path.name} is a pickle checkpoint, which can run code when loaded; "
-                "convert it to .safetensors or set SDSERVE_ALLOW_PICKLE=true"
-            )
+        refusal = pickle_refusal(path, self.settings, f"model {name!r}")
+        if refusal:
+            raise ModelUnavailable(refusal)
         if entry.config:
             options["config"] = entry.config
         return StableDiffusionPipeline.from_single_file(
@@ -203,11 +249,8 @@ class PipelineCache:
 
     def _derive(self, model: LoadedModel, task: str) -> DiffusionPipeline:
         """img2img and inpainting pipelines share the base's components: no second copy of the weights."""
-        if task not in TASKS:
-            raise InvalidRequest(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
-        factory = {"img2img": AutoPipelineForImage2Image, "inpainting": AutoPipelineForInpainting}[task]
         try:
-            derived = factory.from_pipe(model.base)
+            derived = task_spec(task).pipeline_class.from_pipe(model.base)
         except ValueError as error:
             raise InvalidRequest(f"model {model.name!r} does not support {task}: {error}") from error
         derived.set_progress_bar_config(disable=True)

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import huggingface_hub
 from diffusers import DiffusionPipeline
-from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors import SafetensorError
 
@@ -29,26 +28,25 @@ from models import metrics
 from models.errors import AdapterNotFound, InvalidRequest, PathNotAllowed
 from models.registry import Registry, RegistryEntry
 from models.settings import Settings
+from models.sources import (
+    PICKLE_SUFFIXES,
+    WEIGHT_SUFFIXES,
+    allowed_roots,
+    hf_cache_dir,
+    is_hf_repo_id,
+    is_inside_roots,
+    looks_like_path,
+    pickle_refusal,
+)
+from models.types import ActiveLora, LoraInfo, LoraSpec
 
 logger = logging.getLogger(__name__)
 
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
-WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 # The names diffusers' training scripts save, in the order they are preferred.
 LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 # Training checkpoints: checkpoint-500/, step_500, step500, name-000500.safetensors (the number ends the name).
 _STEP = re.compile(r"(?:^|[-_.]|step|steps|checkpoint|ckpt|epoch)(\d+)$", re.IGNORECASE)
-_HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _ADAPTER_NAME_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """One LoRA a request asks for. `scale` None means the registry's (or preload's) default, else 1.0."""
-
-    name: str
-    weight_name: str | None = None
-    scale: float | None = None
 
 
 @dataclass(frozen=True)
@@ -59,56 +57,10 @@ class ResolvedLora:
     default_scale: float = 1.0
     trigger_words: tuple[str, ...] = ()
     registry_name: str | None = None
+    sha256: str | None = None  # the registry entry's, when it has one
 
 
-@dataclass(frozen=True)
-class ActiveLora:
-    """A LoRA as one request used it: echoed in the response."""
-
-    name: str
-    adapter_name: str
-    scale: float
-    trigger_words: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class LoraInfo:
-    """A snapshot of a loaded adapter, safe to hand to other threads."""
-
-    adapter_name: str
-    reference: str
-    file: str
-    scale: float
-    trigger_words: tuple[str, ...]
-    preloaded: bool
-    loaded_at: float
-    uses: int
-
-
-def hf_cache_dir() -> Path:
-    # Read at call time so HF_HOME / HF_HUB_CACHE changes (and tests) are honoured.
-    return Path(hf_constants.HF_HUB_CACHE)
-
-
-def allowed_roots(settings: Settings) -> list[Path]:
-    if settings.lora_roots is not None:
-        roots = list(settings.lora_roots)
-    else:
-        roots = [settings.registry_path.parent, settings.output_dir, hf_cache_dir()]
-    return [root.expanduser().resolve() for root in roots]
-
-
-def is_inside_roots(settings: Settings, resolved: Path) -> bool:
-    """Whether a resolved path (symlinks and `..` gone) lies in a folder client-named weights may come from.
-    ControlNets named by path use the same roots as LoRAs."""
-    return any(resolved.is_relative_to(root) for root in allowed_roots(settings))
-
-
-def is_hf_repo_id(source: str) -> bool:
-    return _HF_REPO_ID.fullmatch(source) is not None
-
-
-def with_trigger_words(prompt: str, loras: list[ActiveLora]) -> str:
+def with_trigger_words(prompt: str, loras: tuple[ActiveLora, ...]) -> str:
     """The prompt with each used LoRA's trigger words appended, unless the prompt already has them."""
     words: list[str] = []
     for lora in loras:
@@ -141,6 +93,7 @@ class LoraResolver:
             default_scale=entry.scale if entry else 1.0,
             trigger_words=tuple(entry.trigger_words) if entry else (),
             registry_name=spec.name if entry else None,
+            sha256=entry.sha256 if entry else None,
         )
 
     # 1. the registry, a path or a repo id
@@ -156,7 +109,7 @@ class LoraResolver:
         path = Path(source).expanduser()
         if looks_like_path(source):
             return self._existing(path, source, shown)
-        if not _HF_REPO_ID.fullmatch(source):
+        if not is_hf_repo_id(source):
             raise AdapterNotFound(
                 f"unknown LoRA {shown!r}: not a registered LoRA ({self._registered_loras()}), "
                 "a path to a file or folder, or a Hugging Face repo id"
@@ -236,13 +189,10 @@ class LoraResolver:
 
     # 3. safety
     def _check_format(self, file: Path, shown: str) -> None:
-        suffix = file.suffix.lower()
-        if suffix in PICKLE_SUFFIXES and not self.settings.allow_pickle:
-            raise InvalidRequest(
-                f"LoRA {shown!r}: {file.name} is a pickle file, which can run code when loaded; convert it to "
-                ".safetensors, or start the server with SDSERVE_ALLOW_PICKLE=true if you trust it"
-            )
-        if suffix not in WEIGHT_SUFFIXES:
+        refusal = pickle_refusal(file, self.settings, f"LoRA {shown!r}")
+        if refusal:
+            raise InvalidRequest(refusal)
+        if file.suffix.lower() not in WEIGHT_SUFFIXES:
             raise InvalidRequest(f"LoRA {shown!r}: {file.name} is not a LoRA weight file (.safetensors)")
 
     def _inside_roots(self, path: Path, shown: str) -> Path:
@@ -293,11 +243,12 @@ class LoraAdapters:
         self._applied: tuple[tuple[str, float], ...] | None = ()
 
     # -- called for every generation -------------------------------------------------------------------------
-    def activate(self, specs: list[LoraSpec]) -> list[ActiveLora]:
+    def activate(self, specs: tuple[LoraSpec, ...]) -> tuple[ActiveLora, ...]:
         """Load what is missing, then make exactly these adapters, at these scales, the active ones."""
         if len(specs) > self.max_loaded:
             raise InvalidRequest(
-                f"{len(specs)} LoRAs in one request; at most {self.max_loaded} (SDSERVE_MAX_LORAS)"
+                f"{len(specs)} LoRAs in one request, but only {self.max_loaded} are kept loaded per model "
+                "(SDSERVE_MAX_LORAS)"
             )
         active: list[ActiveLora] = []
         keep: set[Path] = set()
@@ -308,9 +259,10 @@ class LoraAdapters:
             keep.add(lora.resolved.target)
             lora.uses += 1
             chosen = spec.scale if spec.scale is not None else scale
-            active.append(ActiveLora(spec.name, lora.adapter_name, chosen, trigger_words))
+            active.append(ActiveLora(spec.name, lora.adapter_name, chosen, trigger_words,
+                                     weight_name=spec.weight_name, sha256=lora.resolved.sha256))
         self._apply(active)
-        return active
+        return tuple(active)
 
     # -- called by the /loras routes through worker.call ------------------------------------------------------
     def preload(self, spec: LoraSpec, adapter_name: str | None, scale: float | None) -> LoraInfo:
@@ -455,16 +407,6 @@ class LoraAdapters:
         while name in taken:
             name, number = f"{base}_{number}", number + 1
         return name
-
-
-def looks_like_path(source: str) -> bool:
-    path = Path(source)
-    return (
-        source.startswith(("/", "./", "../", "~", "\\"))
-        or path.suffix.lower() in WEIGHT_SUFFIXES
-        or ".." in path.parts
-        or len(path.parts) > 2
-    )
 
 
 def _default_weight_file(folder: Path) -> Path | None:

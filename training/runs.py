@@ -25,7 +25,6 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,8 @@ import training
 from models.errors import InvalidRequest, ModelNotFound, NotReady, RegistryError, TrainingRunNotFound
 from models.registry import BASE_KINDS, Registry, RegistryEntry
 from models.settings import Settings
+from models.sources import is_valid_name
+from models.types import JobStatus
 from training.base_model import BaseChoice
 from training.config import SERVER_OWNED_OPTIONS, DreamBoothOptions, LoraOptions, TrainingOptions
 from training.dataset_files import find_captioned_images, find_images
@@ -50,25 +51,13 @@ LOG_TAIL_CHARS = 4000
 PROGRESS_TAIL_BYTES = 16_384
 
 
-class RunState(str, Enum):
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
-    interrupted = "interrupted"  # the server stopped while the run was queued or running
-
-
-FINISHED = (RunState.succeeded, RunState.failed, RunState.cancelled, RunState.interrupted)
-
-
 @dataclass
 class TrainingRun:
     id: str
     kind: str
     options: dict[str, Any]
     folder: Path
-    state: RunState = RunState.queued
+    state: JobStatus = JobStatus.queued
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
@@ -76,7 +65,7 @@ class TrainingRun:
     error: str | None = None
     pid: int | None = None
     # Set when the server stops a running run: the state and message it ends with once its processes are gone.
-    stopping_as: tuple[RunState, str] | None = None
+    stopping_as: tuple[JobStatus, str] | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -115,9 +104,10 @@ class TrainingRun:
 
 
 class TrainingRunManager:
-    def __init__(self, settings: Settings, registry: Registry):
+    def __init__(self, settings: Settings):
         self.settings = settings
-        self.registry = registry
+        # Its own view of the registry file: runs register their outputs there, and the engine sees them.
+        self.registry = Registry(settings.registry_path)
         self.root = Path(settings.output_dir) / "training"
         self._runs: OrderedDict[str, TrainingRun] = OrderedDict()
         self._condition = threading.Condition()
@@ -133,12 +123,12 @@ class TrainingRunManager:
         """Cancel queued runs and stop running ones (they checkpoint first): no training outlives the server."""
         with self._condition:
             self._stopping = True
-            running = [run for run in self._runs.values() if run.state is RunState.running]
+            running = [run for run in self._runs.values() if run.state is JobStatus.running]
             for run in self._runs.values():
-                if run.state is RunState.queued:
-                    self._finish(run, RunState.interrupted, error="the server shut down before the run started")
-                elif run.state is RunState.running:
-                    run.stopping_as = (RunState.interrupted, "the server shut down during the run")
+                if run.state is JobStatus.queued:
+                    self._finish(run, JobStatus.interrupted, error="the server shut down before the run started")
+                elif run.state is JobStatus.running:
+                    run.stopping_as = (JobStatus.interrupted, "the server shut down during the run")
             self._condition.notify_all()
         self._thread.join(timeout=5)
         for run in running:
@@ -181,19 +171,19 @@ class TrainingRunManager:
 
     def queue_position(self, run: TrainingRun) -> int | None:
         with self._condition:
-            queued = [other for other in self._runs.values() if other.state is RunState.queued]
+            queued = [other for other in self._runs.values() if other.state is JobStatus.queued]
         return queued.index(run) + 1 if run in queued else None
 
     def cancel(self, run_id: str) -> TrainingRun:
         """Cancel a queued run, or stop a running one and wait until all of its processes are gone."""
         run = self.get(run_id)
         with self._condition:
-            if run.state is RunState.queued:
-                self._finish(run, RunState.cancelled, error="cancelled before it started")
+            if run.state is JobStatus.queued:
+                self._finish(run, JobStatus.cancelled, error="cancelled before it started")
                 return run
-            if run.state is not RunState.running:
+            if run.state is not JobStatus.running:
                 return run
-            run.stopping_as = (RunState.cancelled, "cancelled")
+            run.stopping_as = (JobStatus.cancelled, "cancelled")
         self._terminate(run)
         with self._condition:
             self._reap(run)
@@ -221,7 +211,7 @@ class TrainingRunManager:
         entry = self.registry.entries().get(options.base)
         if entry is not None and entry.kind in BASE_KINDS:
             base = BaseChoice(requested=options.base, name=options.base, entry=entry)
-        elif _looks_like_path(options.base):
+        elif not is_valid_name(options.base):  # not a registry name, so a folder or file on disk
             changes["base"] = str(self._allowed_path(Path(options.base), "base"))
             base = BaseChoice(requested=options.base, name=None, entry=RegistryEntry(source=changes["base"]))
         else:
@@ -249,7 +239,7 @@ class TrainingRunManager:
         if name is None:
             return
         for other in self._runs.values():
-            if other.state in (RunState.queued, RunState.running) and other.register_as == name:
+            if other.state in (JobStatus.queued, JobStatus.running) and other.register_as == name:
                 raise RegistryError(f"run {other.id} ({other.state.value}) will already register {name!r}")
 
     # -- the watcher thread -------------------------------------------------------------------------------------------
@@ -259,17 +249,17 @@ class TrainingRunManager:
                 if self._stopping:
                     return
                 for run in self._runs.values():
-                    if run.state is RunState.running:
+                    if run.state is JobStatus.running:
                         self._reap(run)
                 self._start_queued()
                 self._condition.wait(POLL_INTERVAL_S)
 
     def _start_queued(self) -> None:
-        running = sum(run.state is RunState.running for run in self._runs.values())
+        running = sum(run.state is JobStatus.running for run in self._runs.values())
         for run in self._runs.values():
             if running >= self.settings.training_max_running:
                 return
-            if run.state is RunState.queued:
+            if run.state is JobStatus.queued:
                 self._launch(run)
                 running += 1
 
@@ -284,10 +274,10 @@ class TrainingRunManager:
                                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                                start_new_session=True)
         except OSError as error:
-            self._finish(run, RunState.failed, error=f"could not start accelerate: {error}")
+            self._finish(run, JobStatus.failed, error=f"could not start accelerate: {error}")
             return
         run.pid = run.process.pid
-        run.state = RunState.running
+        run.state = JobStatus.running
         run.started_at = time.time()
         self._save(run)
 
@@ -315,7 +305,7 @@ class TrainingRunManager:
 
     def _reap(self, run: TrainingRun) -> None:
         """Record how a run ended once its launcher has exited and no process of its group is left."""
-        if run.state is not RunState.running or run.process is None or run.process.poll() is None:
+        if run.state is not JobStatus.running or run.process is None or run.process.poll() is None:
             return
         if _group_members(run.pid):
             return  # workers still finishing (e.g. writing a checkpoint after SIGTERM)
@@ -323,9 +313,9 @@ class TrainingRunManager:
         if run.stopping_as is not None:
             self._finish(run, *run.stopping_as)
         elif run.exit_code == 0:
-            self._finish(run, RunState.succeeded)
+            self._finish(run, JobStatus.succeeded)
         else:
-            self._finish(run, RunState.failed, error=_failure_summary(run))
+            self._finish(run, JobStatus.failed, error=_failure_summary(run))
 
     def _terminate(self, run: TrainingRun) -> None:
         if run.pid is None:
@@ -348,7 +338,7 @@ class TrainingRunManager:
             except subprocess.TimeoutExpired:
                 logger.error("training run %s: launcher %d did not exit after SIGKILL", run.id, run.pid)
 
-    def _finish(self, run: TrainingRun, state: RunState, error: str | None = None) -> None:
+    def _finish(self, run: TrainingRun, state: JobStatus, error: str | None = None) -> None:
         run.state = state
         run.error = error
         run.finished_at = time.time()
@@ -374,20 +364,16 @@ class TrainingRunManager:
         for record in sorted(records, key=lambda item: item.get("created_at", 0)):
             try:
                 run = TrainingRun(id=record["id"], kind=record["kind"], options=record["options"],
-                                  folder=self.root / record["id"], state=RunState(record["state"]),
+                                  folder=self.root / record["id"], state=JobStatus(record["state"]),
                                   created_at=record["created_at"], started_at=record.get("started_at"),
                                   finished_at=record.get("finished_at"), exit_code=record.get("exit_code"),
                                   error=record.get("error"))
             except (KeyError, ValueError) as error:
                 logger.warning("ignoring malformed training record %s: %s", record.get("id"), error)
                 continue
-            if run.state not in FINISHED:
-                self._finish(run, RunState.interrupted, error="the server stopped during this run")
+            if not run.state.finished:
+                self._finish(run, JobStatus.interrupted, error="the server stopped during this run")
             self._runs[run.id] = run
-
-
-def _looks_like_path(value: str) -> bool:
-    return "/" in value or "\\" in value or value.startswith((".", "~"))
 
 
 def _group_members(group: int | None) -> list[int]:

@@ -18,53 +18,28 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
-from models.engine import GenerationRequest, GenerationResult, check_limits, generate
+from models.engine.generate import check_request, generate
+from models.engine.pipelines import PipelineCache
+from models.engine.previews import LatentPreviewer
 from models.errors import JobCancelled, NotReady, QueueFull, SdserveError
 from models.logcontext import current_request_id, log_context
-from models.pipelines import PipelineCache
-from models.previews import LatentPreviewer
 from models.settings import Settings
+from models.types import (
+    EngineState,
+    GenerationRequest,
+    GenerationResult,
+    JobEvent,
+    JobOptions,
+    JobSnapshot,
+    JobStatus,
+    SeedOrigin,
+)
 
 logger = logging.getLogger(__name__)
 
 FINISHED_JOBS_KEPT = 500
-TERMINAL_EVENTS = frozenset({"done", "error", "cancelled"})
-
-
-class JobState(str, Enum):
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
-    interrupted = "interrupted"
-
-
-class WorkerState(str, Enum):
-    starting = "starting"
-    loading = "loading"
-    ready = "ready"
-    failed = "failed"
-    stopped = "stopped"
-
-
-@dataclass(frozen=True)
-class JobEvent:
-    """One change of a job. `data` of `done` holds the GenerationResult; `progress` may hold preview JPEG bytes."""
-
-    job_id: str
-    kind: str  # queued, started, progress, done, error, cancelled
-    seq: int
-    data: dict[str, Any]
-    at: float = field(default_factory=time.time)
-
-    @property
-    def terminal(self) -> bool:
-        return self.kind in TERMINAL_EVENTS
-
 
 JobListener = Callable[[JobEvent], None]
 JobObserver = Callable[["Job", JobEvent], None]
@@ -72,20 +47,26 @@ JobObserver = Callable[["Job", JobEvent], None]
 
 @dataclass
 class Job:
+    """A generation while the worker knows it: its request (seed drawn), its state, and its event stream."""
+
     request: GenerationRequest
+    options: JobOptions
+    seed_origin: SeedOrigin
+    model: str  # the registry name it runs on (the default model when the request named none)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    state: JobState = JobState.queued
+    status: JobStatus = JobStatus.queued
     step: int = 0
     total_steps: int = 0
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
     error: str | None = None
+    cached: bool = False
+    image_ids: tuple[str, ...] = ()  # set by the recorder once the files are written
     future: Future[GenerationResult] = field(default_factory=Future, repr=False)
     cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
     request_id: str | None = field(default_factory=current_request_id)
     result: GenerationResult | None = field(default=None, repr=False)
-    context: dict[str, Any] = field(default_factory=dict, repr=False)  # the caller's; the worker never reads it
     _event_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _listeners: list[JobListener] = field(default_factory=list, init=False, repr=False)
     _observers: list[JobObserver] = field(default_factory=list, init=False, repr=False)
@@ -94,20 +75,31 @@ class Job:
 
     @property
     def done(self) -> bool:
-        return self.state not in (JobState.queued, JobState.running)
+        return self.status.finished
 
     @property
     def watched(self) -> bool:
         """Someone follows this job's progress (worth drawing previews for)."""
         return bool(self._listeners)
 
-    def emit(self, kind: str, **data: Any) -> JobEvent | None:
-        """Record an event and tell every listener, in order. Nothing follows a terminal event."""
+    def snapshot(self, queue_position: int | None = None, with_result: bool = True) -> JobSnapshot:
+        return JobSnapshot(
+            id=self.id, task=self.request.task, status=self.status, prompt=self.request.prompt,
+            negative_prompt=self.request.negative_prompt, model=self.result.model if self.result else self.model,
+            options=self.options, seed_origin=self.seed_origin, created_at=self.created_at,
+            started_at=self.started_at, finished_at=self.finished_at, queue_position=queue_position,
+            step=self.step, total_steps=self.total_steps, error=self.error, cached=self.cached,
+            cancel_requested=self.cancel_requested.is_set() and not self.done, image_ids=self.image_ids,
+            result=self.result if with_result else None,
+        )
+
+    def emit(self, kind: str, **fields: Any) -> JobEvent | None:
+        """Record an event and tell every observer and listener, in order. Nothing follows a terminal event."""
         with self._event_lock:
             if "terminal" in self._latest:
                 return None
             self._seq += 1
-            event = JobEvent(self.id, kind, self._seq, {"status": self.state.value, **data})
+            event = JobEvent(self.id, kind, self._seq, self.status, time.time(), **fields)  # type: ignore[arg-type]
             self._latest["terminal" if event.terminal else kind] = event
             for observer in self._observers:
                 _call_safely(observer, self, event)
@@ -154,7 +146,7 @@ class GenerationWorker:
     def __init__(self, settings: Settings, cache: PipelineCache):
         self.settings = settings
         self.cache = cache
-        self.state = WorkerState.starting
+        self.state = EngineState.starting
         self.startup_error: str | None = None
         self._condition = threading.Condition()
         self._pending: deque[Job | _Call] = deque()
@@ -175,7 +167,7 @@ class GenerationWorker:
             self._stopping = True
             for item in self._pending:
                 if isinstance(item, Job):
-                    self._finish(item, JobState.interrupted, error="the server is shutting down",
+                    self._finish(item, JobStatus.interrupted, error="the server is shutting down",
                                  exception=NotReady("the server is shutting down"))
                 else:
                     item.future.set_exception(NotReady("the server is shutting down"))
@@ -185,16 +177,16 @@ class GenerationWorker:
             self._condition.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
-        self.state = WorkerState.stopped
+        self.state = EngineState.stopped
 
     def add_observer(self, observer: JobObserver) -> None:
         """Call `observer(job, event)` for every event of every job from now on (quick, non-blocking)."""
         with self._condition:
             self._observers.append(observer)
 
-    def submit(self, request: GenerationRequest, context: dict[str, Any] | None = None) -> Job:
-        check_limits(request, self.settings)
-        job = Job(request=request, context=context or {})
+    def submit(self, job: Job) -> Job:
+        """Queue a job (its request's seed drawn); raises InvalidRequest, QueueFull, NotReady."""
+        check_request(job.request, self.settings)
         job._observers = self._observers
         with self._condition:
             if self._stopping:
@@ -207,20 +199,18 @@ class GenerationWorker:
             # Under the lock, so "queued" is always the first event, before the worker can start the job.
             job.emit("queued", position=waiting + 1)
             self._condition.notify()
-        logger.info("job %s queued: %s on %s", job.id, request.task, request.model)
+        logger.info("job %s queued: %s on %s", job.id, job.request.task, job.model)
         return job
 
-    def add_finished(
-        self, request: GenerationRequest, result: GenerationResult, context: dict[str, Any] | None = None
-    ) -> Job:
+    def add_finished(self, job: Job, result: GenerationResult) -> Job:
         """A job answered without the device (the result cache): recorded and reported like any other."""
-        job = Job(request=request, context=context or {})
         job._observers = self._observers
+        job.cached = True
         job.started_at = job.created_at
         job.step = job.total_steps = result.steps
         with self._condition:
             self._remember(job)
-        self._finish(job, JobState.succeeded, result=result)
+        self._finish(job, JobStatus.succeeded, result=result)
         logger.info("job %s answered from the result cache", job.id)
         return job
 
@@ -243,7 +233,7 @@ class GenerationWorker:
             job.cancel_requested.set()
             if job in self._pending:
                 self._pending.remove(job)
-                self._finish(job, JobState.cancelled, error="cancelled")
+                self._finish(job, JobStatus.cancelled, error="cancelled")
                 self._announce_positions()
         logger.info("job %s cancel requested", job_id)
         return job
@@ -291,16 +281,16 @@ class GenerationWorker:
 
     def _preload(self) -> None:
         if not self.settings.preload_default_model:
-            self.state = WorkerState.ready
+            self.state = EngineState.ready
             return
-        self.state = WorkerState.loading
+        self.state = EngineState.loading
         try:
             self.cache.get(self.settings.default_model, "text2img")
-            self.state = WorkerState.ready
+            self.state = EngineState.ready
         except SdserveError as error:
             # The server still starts: other models may work, and /health says what is wrong.
             self.startup_error = str(error)
-            self.state = WorkerState.failed
+            self.state = EngineState.failed
             logger.error("default model %r failed to load: %s", self.settings.default_model, error)
 
     def _run_call(self, call: _Call) -> None:
@@ -312,62 +302,61 @@ class GenerationWorker:
             call.future.set_exception(error)
 
     def _run_job(self, job: Job) -> None:
-        job.state = JobState.running
+        job.status = JobStatus.running
         job.started_at = time.time()
         job.emit("started")
         request = job.request
-        model_name = request.model or self.settings.default_model
         try:
             controlnet = request.controlnet.name if request.controlnet is not None else None
-            pipeline, model = self.cache.get(model_name, request.task, controlnet=controlnet)
+            pipeline, model = self.cache.get(job.model, request.task, controlnet=controlnet)
             on_step, on_latents = self._progress_hooks(job, pipeline)
             result = generate(pipeline, model, request, on_step, job.cancel_requested.is_set, on_latents=on_latents)
         except JobCancelled:
             if self._stopping:
-                self._finish(job, JobState.interrupted, error="the server is shutting down",
+                self._finish(job, JobStatus.interrupted, error="the server is shutting down",
                              exception=NotReady("the server is shutting down"))
             else:
-                self._finish(job, JobState.cancelled, error="cancelled")
+                self._finish(job, JobStatus.cancelled, error="cancelled")
             return
         except SdserveError as error:
-            self._finish(job, JobState.failed, error=str(error), exception=error)
+            self._finish(job, JobStatus.failed, error=str(error), exception=error)
             return
         except Exception as error:
             logger.exception("job %s failed", job.id)
-            self._finish(job, JobState.failed, error="internal error while generating; see the server log",
+            self._finish(job, JobStatus.failed, error="internal error while generating; see the server log",
                          exception=error)
             return
         assert job.started_at is not None
         result.timings["queued_s"] = round(job.started_at - job.created_at, 4)
         self._recent_seconds.append(time.time() - job.started_at)
-        self._finish(job, JobState.succeeded, result=result)
+        self._finish(job, JobStatus.succeeded, result=result)
         logger.info("job %s done in %.2fs", job.id, result.timings["inference_s"])
 
     def _finish(
         self,
         job: Job,
-        state: JobState,
+        status: JobStatus,
         result: GenerationResult | None = None,
         error: str | None = None,
         exception: BaseException | None = None,
     ) -> None:
-        job.state = state
+        job.status = status
         job.error = error
         job.finished_at = time.time()
         job.result = result
         # Before the future resolves, so observers (the result cache, the recorder) have seen the result by the
         # time a waiting client gets its answer.
-        if state is JobState.succeeded:
-            job.emit("done", result=result)
-        elif state is JobState.cancelled:
+        if status is JobStatus.succeeded:
+            job.emit("done")
+        elif status is JobStatus.cancelled:
             job.emit("cancelled", detail=error or "cancelled")
         else:
             job.emit("error", detail=error or "failed")
         if job.future.done():
             return
-        if state is JobState.succeeded:
+        if status is JobStatus.succeeded:
             job.future.set_result(result)  # type: ignore[arg-type]
-        elif state is JobState.cancelled:
+        elif status is JobStatus.cancelled:
             job.future.set_exception(JobCancelled(error or "cancelled"))
         else:
             job.future.set_exception(exception or SdserveError(error or "failed"))
@@ -385,8 +374,7 @@ class GenerationWorker:
 
         def on_step(step: int, total: int) -> None:
             job.step, job.total_steps = step, total
-            extra = {"preview": preview.pop("jpeg")} if "jpeg" in preview else {}
-            job.emit("progress", step=step, total_steps=total, **extra)
+            job.emit("progress", step=step, total_steps=total, preview=preview.pop("jpeg", None))
 
         return on_step, on_latents
 

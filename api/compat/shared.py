@@ -1,4 +1,4 @@
-"""What the compatibility routers share: model and sampler names from other servers, image bytes."""
+"""What the compatibility surfaces share: model and sampler names from other servers, image bytes, loose fields."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import io
 import re
 from typing import Any, TypeVar
 
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from PIL import Image
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from api.images import image_from_bytes
-from models.registry import BASE_KINDS, Registry
+from models.registry import BASE_KINDS, RegistryEntry
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
 
@@ -55,14 +56,15 @@ def sampler_to_scheduler(sampler: str | None, schedule: str | None = None) -> st
     return A1111_SAMPLERS.get(sampler, sampler)
 
 
-def resolve_model_alias(registry: Registry, value: str | None, ignored: tuple[str, ...] = ()) -> str | None:
+def resolve_model_alias(
+    entries: dict[str, RegistryEntry], value: str | None, ignored: tuple[str, ...] = ()
+) -> str | None:
     """A registry name, an A1111 title ('name [hash]') or a registered source (an HF repo id) -> a name.
     None, '' and names from `ignored` (e.g. 'dall-e-3') mean the default model. Anything else is returned
     as is, so the native path answers 404 with the registered names."""
     if not value or value in ignored:
         return None
     value = _HASH_SUFFIX.sub("", value.strip())
-    entries = registry.entries()
     if value in entries:
         return value
     for name, entry in entries.items():
@@ -101,3 +103,20 @@ def upload_image(data: bytes, field: str) -> Image.Image:
         return image_from_bytes(data)
     except ValueError as error:
         raise RequestValidationError([{"loc": (field,), "msg": str(error), "type": "value_error"}]) from error
+
+
+async def request_fields(request: Request) -> dict[str, Any]:
+    """Seed 003 clients send their fields as query parameters, a form or JSON: take whichever came."""
+    fields: dict[str, Any] = dict(request.query_params)
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("application/json"):
+        try:
+            body = await request.json()
+        except ValueError as error:
+            raise RequestValidationError([{"loc": ("body",), "msg": "invalid JSON", "type": "json_invalid"}]) \
+                from error
+        if isinstance(body, dict):
+            fields.update(body)
+    elif content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        fields.update({key: value for key, value in (await request.form()).items() if isinstance(value, str)})
+    return fields

@@ -20,21 +20,11 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from models.engine import GenerationRequest, GenerationResult
+from models.types import GenerationRequest, GenerationResult
 
 PARAMETERS_CHUNK = "parameters"
 SDSERVE_CHUNK = "sdserve"
 METADATA_VERSION = 1
-
-
-@dataclass(frozen=True)
-class AdapterUse:
-    """A LoRA (or other adapter) applied to a generation, with its hash when the registry knows it."""
-
-    name: str
-    scale: float | None = None
-    sha256: str | None = None
-    weight_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -44,14 +34,13 @@ class SavedImage:
     size_bytes: int
 
 
-def reproduction_body(
-    request: GenerationRequest, result: GenerationResult, index: int, loras: list[AdapterUse]
-) -> dict[str, Any]:
-    """The native API request that makes image `index` of `result` alone (its own seed, one image)."""
+def reproduction_body(task: str, result: GenerationResult, index: int) -> dict[str, Any]:
+    """The native API request that makes image `index` of `result` alone (its own seed, one image): the prompt the
+    pipeline got and the LoRAs at the scales they ran at, so re-posting it gives the same pixels."""
     body: dict[str, Any] = {
-        "task": request.task,
-        "prompt": request.prompt,
-        "negative_prompt": request.negative_prompt,
+        "task": task,
+        "prompt": result.prompt,
+        "negative_prompt": result.negative_prompt,
         "model": result.model,
         "width": result.width,
         "height": result.height,
@@ -59,32 +48,26 @@ def reproduction_body(
         "cfg_scale": result.guidance_scale,
         "seed": result.seeds[index],
         "number_of_images": 1,
-        "scheduler": request.scheduler,
+        "scheduler": result.scheduler_name,
     }
-    if request.task != "text2img":
+    if result.strength is not None:
         body["strength"] = result.strength
-    if loras:
+    if result.loras:
         body["loras"] = [
             {"name": lora.name, "scale": lora.scale} | ({"weight_name": lora.weight_name} if lora.weight_name else {})
-            for lora in loras
+            for lora in result.loras
         ]
     return body
 
 
-def a1111_parameters(
-    request: GenerationRequest,
-    result: GenerationResult,
-    index: int,
-    model_sha256: str | None,
-    loras: list[AdapterUse],
-) -> str:
+def a1111_parameters(result: GenerationResult, index: int) -> str:
     """The `parameters` text AUTOMATIC1111 writes, so tools that read A1111 PNGs understand ours."""
-    prompt = request.prompt
-    if loras:
-        prompt += " " + " ".join(f"<lora:{lora.name}:{lora.scale if lora.scale is not None else 1}>" for lora in loras)
+    prompt = result.prompt
+    if result.loras:
+        prompt += " " + " ".join(f"<lora:{lora.name}:{lora.scale}>" for lora in result.loras)
     lines = [prompt]
-    if request.negative_prompt:
-        lines.append(f"Negative prompt: {request.negative_prompt}")
+    if result.negative_prompt:
+        lines.append(f"Negative prompt: {result.negative_prompt}")
     fields: list[tuple[str, Any]] = [
         ("Steps", result.steps),
         ("Sampler", result.scheduler),
@@ -92,12 +75,12 @@ def a1111_parameters(
         ("Seed", result.seeds[index]),
         ("Size", f"{result.width}x{result.height}"),
     ]
-    if model_sha256:
-        fields.append(("Model hash", model_sha256[:10]))
+    if result.model_sha256:
+        fields.append(("Model hash", result.model_sha256[:10]))
     fields.append(("Model", result.model))
     if result.strength is not None:
         fields.append(("Denoising strength", result.strength))
-    hashed = [lora for lora in loras if lora.sha256]
+    hashed = [lora for lora in result.loras if lora.sha256]
     if hashed:
         fields.append(("Lora hashes", '"' + ", ".join(f"{lora.name}: {lora.sha256[:12]}" for lora in hashed) + '"'))
     fields.append(("Version", "sdserve"))
@@ -105,14 +88,11 @@ def a1111_parameters(
     return "\n".join(lines)
 
 
-def sdserve_metadata(
-    request: GenerationRequest, result: GenerationResult, index: int, model_sha256: str | None,
-    loras: list[AdapterUse], job_id: str,
-) -> dict[str, Any]:
+def sdserve_metadata(request: GenerationRequest, result: GenerationResult, index: int, job_id: str) -> dict[str, Any]:
     metadata: dict[str, Any] = {
         "version": METADATA_VERSION,
-        "request": reproduction_body(request, result, index, loras),
-        "model_sha256": model_sha256,
+        "request": reproduction_body(request.task, result, index),
+        "model_sha256": result.model_sha256,
         "job_id": job_id,
         "index": index,
     }
@@ -120,10 +100,10 @@ def sdserve_metadata(
         metadata["image_digest"] = image_digest(request.image)
     if request.mask_image is not None:
         metadata["mask_image_digest"] = image_digest(request.mask_image)
-    if request.controlnet is not None and request.control_image is not None:
+    if request.controlnet is not None:
         # The control image itself is not stored: its digest says which one it was.
         metadata["controlnet"] = {"name": request.controlnet.name, "scale": request.controlnet.scale}
-        metadata["control_image_digest"] = image_digest(request.control_image)
+        metadata["control_image_digest"] = image_digest(request.controlnet.image)
     return metadata
 
 

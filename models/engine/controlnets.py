@@ -3,8 +3,8 @@
 A request names a ControlNet (a registry entry of kind `controlnet`, or a name given to one loaded ahead through
 seed 003's /load-controlnet/) and sends a control image. The worker loads the ControlNet once (bounded by
 SDSERVE_MAX_CONTROLNETS, least recently used unloaded), checks that it fits the base's UNet, and runs the
-request on `StableDiffusionControlNet*Pipeline.from_pipe(base, controlnet=...)`: the UNet, VAE and text encoder
-are the base's own objects, so the LoRAs loaded into that UNet apply unchanged.
+request on the task's ControlNet pipeline (AutoPipeline's `from_pipe(base, controlnet=...)`): the UNet, VAE and
+text encoder are the base's own objects, so the LoRAs loaded into that UNet apply unchanged.
 
 Only the generation worker thread calls ControlNets (it owns the device); nothing here touches HTTP.
 """
@@ -16,55 +16,23 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from diffusers import (
-    ControlNetModel,
-    DiffusionPipeline,
-    StableDiffusionControlNetImg2ImgPipeline,
-    StableDiffusionControlNetInpaintPipeline,
-    StableDiffusionControlNetPipeline,
-)
+from diffusers import ControlNetModel, DiffusionPipeline
 
-from models import demo
-from models.adapters import is_hf_repo_id, is_inside_roots, looks_like_path
-from models.device import DeviceConfig
+from models.engine.device import DeviceConfig
 from models.errors import ControlNetNotFound, InvalidRequest, ModelUnavailable, PathNotAllowed
-from models.registry import Registry
+from models.registry import Registry, builtins
 from models.settings import Settings
-
-if TYPE_CHECKING:
-    from models.pipelines import LoadedModel
+from models.sources import is_hf_repo_id, is_inside_roots, looks_like_path
+from models.tasks import task_spec
+from models.types import ControlNetInfo
 
 logger = logging.getLogger(__name__)
 
-CONTROLNET_PIPELINES: dict[str, type[DiffusionPipeline]] = {
-    "text2img": StableDiffusionControlNetPipeline,
-    "img2img": StableDiffusionControlNetImg2ImgPipeline,
-    "inpainting": StableDiffusionControlNetInpaintPipeline,
-}
 # The UNet settings a ControlNet's residuals depend on: any difference means its outputs do not fit the UNet.
 _MATCHING_CONFIG = ("in_channels", "block_out_channels", "down_block_types", "layers_per_block",
                     "cross_attention_dim")
-
-
-@dataclass(frozen=True)
-class ControlNetSpec:
-    """The ControlNet a request runs with; the control image travels beside it on the request."""
-
-    name: str
-    scale: float = 1.0
-
-
-@dataclass(frozen=True)
-class ControlNetInfo:
-    """A snapshot of a loaded ControlNet, safe to hand to other threads."""
-
-    name: str
-    source: str
-    preloaded: bool
-    loaded_at: float
-    uses: int
 
 
 @dataclass
@@ -93,16 +61,16 @@ class ControlNets:
         self._pipelines: dict[tuple[str, str, str], DiffusionPipeline] = {}
 
     # -- per request -------------------------------------------------------------------------------------------
-    def pipeline_for(self, model: LoadedModel, task: str, name: str) -> DiffusionPipeline:
-        """The ControlNet pipeline for `task` on the loaded base, built on the base's own components."""
+    def pipeline_for(self, base: DiffusionPipeline, model_name: str, task: str, name: str) -> DiffusionPipeline:
+        """The ControlNet pipeline for `task` on a loaded base pipeline, built on the base's own components."""
         loaded = self._get(name)
-        check_fits(loaded.model, model.base.unet, name, model.name)
+        check_fits(loaded.model, base.unet, name, model_name)
         # Kept only once it fits: a refused ControlNet leaves the loaded set (and its memory) as it was.
         self._remember(loaded)
-        key = (model.name, task, name)
+        key = (model_name, task, name)
         pipeline = self._pipelines.get(key)
-        if pipeline is None or pipeline.unet is not model.base.unet or pipeline.controlnet is not loaded.model:
-            pipeline = self._derive(model, task, name, loaded.model)
+        if pipeline is None or pipeline.unet is not base.unet or pipeline.controlnet is not loaded.model:
+            pipeline = self._derive(base, model_name, task, name, loaded.model)
             self._pipelines[key] = pipeline
         loaded.uses += 1
         return pipeline
@@ -112,28 +80,31 @@ class ControlNets:
         for key in [key for key in self._pipelines if key[0] == model_name]:
             del self._pipelines[key]
 
-    def _derive(self, model: LoadedModel, task: str, name: str, controlnet: ControlNetModel) -> DiffusionPipeline:
-        factory = CONTROLNET_PIPELINES.get(task)
-        if factory is None:
-            raise InvalidRequest(f"ControlNet does not support task {task!r}; tasks: {', '.join(CONTROLNET_PIPELINES)}")
+    def _derive(
+        self, base: DiffusionPipeline, model_name: str, task: str, name: str, controlnet: ControlNetModel
+    ) -> DiffusionPipeline:
         try:
-            # from_pipe casts every component to its dtype argument (float32 when none is given): pass the
-            # server's, or deriving would convert the shared float16 UNet of the base under its other pipelines.
-            pipeline = factory.from_pipe(model.base, controlnet=controlnet, dtype=self.device.dtype)
+            # AutoPipeline's from_pipe picks the family's ControlNet pipeline for the task and shares the base's
+            # components as they are (no copy, no dtype cast of the UNet the base's other pipelines use).
+            pipeline = task_spec(task).pipeline_class.from_pipe(base, controlnet=controlnet)
         except (ValueError, TypeError) as error:
-            raise InvalidRequest(f"model {model.name!r} cannot run ControlNet {name!r}: {error}") from error
+            raise InvalidRequest(f"model {model_name!r} cannot run ControlNet {name!r}: {error}") from error
         pipeline.set_progress_bar_config(disable=True)
-        logger.info("derived %s for model %r with ControlNet %r", type(pipeline).__name__, model.name, name)
+        logger.info("derived %s for model %r with ControlNet %r", type(pipeline).__name__, model_name, name)
         return pipeline
 
-    # -- the seed 003 routes, through worker.call -------------------------------------------------------------
-    def preload(self, source: str, name: str | None = None, check_against: LoadedModel | None = None) -> ControlNetInfo:
+    # -- preloading (seed 003's routes), between jobs -----------------------------------------------------------
+    def preload(
+        self, source: str, name: str | None = None, check_against: tuple[str, DiffusionPipeline] | None = None
+    ) -> ControlNetInfo:
         """Load a ControlNet named by a registry name, a folder inside the allowed roots or a cached repo id, under
-        `name` (default: the source). With `check_against`, one that does not fit that base is refused."""
+        `name` (default: the source). With `check_against` (a base's name and pipeline), one that does not fit
+        that base is refused."""
         key = name or source
         controlnet = self._load_model(source)
         if check_against is not None:
-            check_fits(controlnet, check_against.base.unet, key, check_against.name)
+            model_name, base = check_against
+            check_fits(controlnet, base.unet, key, model_name)
         if self._loaded.pop(key, None) is not None:  # one name, one ControlNet: loading a name again replaces it
             self._forget_controlnet(key)
         loaded = _LoadedControlNet(key, source, controlnet, preloaded=True)
@@ -218,12 +189,12 @@ class ControlNets:
     def _locate(self, source: str, shown: str, trusted: bool) -> str | Path:
         if source.startswith("demo:"):
             builtin = source.removeprefix("demo:")
-            if builtin not in demo.CONTROLNET_BUILDERS:
+            if builtin not in builtins.CONTROLNET_BUILDERS:
                 raise ModelUnavailable(
                     f"ControlNet {shown!r}: unknown builtin {source!r}; builtin ControlNets: "
-                    + ", ".join(f"demo:{name}" for name in demo.builtin_controlnet_names())
+                    + ", ".join(f"demo:{name}" for name in builtins.builtin_controlnet_names())
                 )
-            return demo.ensure_builtin(builtin, self.settings.cache_dir)
+            return builtins.ensure_builtin(builtin, self.settings.cache_dir)
         path = Path(source).expanduser()
         if looks_like_path(source):
             resolved = path.resolve()

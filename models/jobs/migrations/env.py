@@ -6,7 +6,7 @@ from logging.config import fileConfig
 
 from alembic import context
 
-from models.store import Base, make_engine
+from models.jobs.store import Base, make_engine
 
 config = context.config
 connection = config.attributes.get("connection")

@@ -1,6 +1,6 @@
 """The database of jobs and images, through SQLAlchemy: SQLite in the data folder by default, any URL by setting.
 
-The schema is owned by Alembic (models/migrations, shipped inside the package so installed copies have it);
+The schema is owned by Alembic (models/jobs/migrations, shipped inside the package so installed copies have it);
 `Store` upgrades the database to the latest revision when it opens it, so a new release's tables appear on
 start-up. Every method opens its own short session and returns detached rows, so it can be called from any
 thread (the recorder thread writes, request handlers read through a thread pool).
@@ -39,10 +39,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, selectinload, sessionmaker
 from sqlalchemy.pool import StaticPool
 
+from models.types import UNFINISHED_STATUSES, JobStatus
+
 logger = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-UNFINISHED = ("queued", "running")
+UNFINISHED = tuple(status.value for status in UNFINISHED_STATUSES)
 
 
 class StoreUnavailable(RuntimeError):
@@ -78,8 +80,11 @@ class JobRecord(Base):
     negative_prompt: Mapped[str | None] = mapped_column(Text)
     model: Mapped[str] = mapped_column(String(200), index=True)
     model_sha256: Mapped[str | None] = mapped_column(String(64))
-    loras: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    loras: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list, doc="The LoRAs as they ran")
     parameters: Mapped[dict[str, Any]] = mapped_column(JSON, doc="Every request parameter, as queued")
+    prompt_used: Mapped[str | None] = mapped_column(Text, doc="The prompt the pipeline got (trigger words added)")
+    controlnet: Mapped[dict[str, Any] | None] = mapped_column(JSON, doc="The ControlNet it ran with")
+    seed_origin: Mapped[str | None] = mapped_column(String(8), doc="client: the request chose the seed; drawn")
     seed: Mapped[int | None] = mapped_column(BigInteger)
     seeds: Mapped[list[int] | None] = mapped_column(JSON)
     width: Mapped[int | None] = mapped_column(Integer)
@@ -204,7 +209,7 @@ class Store:
             result = session.execute(
                 update(JobRecord)
                 .where(JobRecord.status.in_(UNFINISHED))
-                .values(status="interrupted", error=reason, finished_at=utcnow())
+                .values(status=JobStatus.interrupted.value, error=reason, finished_at=utcnow())
             )
             return result.rowcount or 0
 

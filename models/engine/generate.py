@@ -1,0 +1,157 @@
+"""One generation: check a request before it is queued, then run it on its pipeline. Runs on the worker thread
+(check_request also on the submitting thread)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+from models import metrics
+from models.engine.loras import with_trigger_words
+from models.engine.pipelines import LoadedModel
+from models.engine.schedulers import make_scheduler, scheduler_names
+from models.errors import InvalidRequest, JobCancelled
+from models.settings import Settings
+from models.tasks import TaskSpec, fit_image, task_spec
+from models.types import ControlNetUse, GenerationRequest, GenerationResult
+
+StepCallback = Callable[[int, int], None]
+LatentsCallback = Callable[[int, torch.Tensor], None]
+
+
+def check_request(request: GenerationRequest, settings: Settings) -> None:
+    """Everything that can be known before the model is loaded: limits from settings, the task's inputs, the
+    scheduler's name. The schema already checked types, ranges and multiples of 8."""
+    spec = task_spec(request.task)
+    problems = spec.check_inputs(request)
+    if request.width is not None and request.width > settings.max_width:
+        problems.append(f"width {request.width} is over the limit {settings.max_width} (SDSERVE_MAX_WIDTH)")
+    if request.height is not None and request.height > settings.max_height:
+        problems.append(f"height {request.height} is over the limit {settings.max_height} (SDSERVE_MAX_HEIGHT)")
+    if request.steps > settings.max_steps:
+        problems.append(f"steps {request.steps} is over the limit {settings.max_steps} (SDSERVE_MAX_STEPS)")
+    if request.num_images > settings.max_images:
+        problems.append(
+            f"number_of_images {request.num_images} is over the limit {settings.max_images} (SDSERVE_MAX_IMAGES)"
+        )
+    if request.image is not None and request.width is None and request.height is None:
+        width, height = request.image.size
+        if width > settings.max_width or height > settings.max_height:
+            problems.append(
+                f"the input image is {width}x{height}, over the limit {settings.max_width}x{settings.max_height}; "
+                "send a smaller image or set width and height to resize it"
+            )
+    if len(request.loras) > settings.max_loras_per_request:
+        problems.append(f"{len(request.loras)} LoRAs in one request; at most {settings.max_loras_per_request} "
+                        "(SDSERVE_MAX_LORAS_PER_REQUEST)")
+    if request.scheduler is not None and request.scheduler not in scheduler_names():
+        problems.append(f"unknown scheduler {request.scheduler!r}; choose one of: {', '.join(scheduler_names())}")
+    strength = spec.strength(request)
+    if strength is not None and int(request.steps * strength) < 1:
+        problems.append(f"strength {strength} with {request.steps} steps runs no denoising step; "
+                        "raise strength or steps so that strength x steps >= 1")
+    if problems:
+        raise InvalidRequest("; ".join(problems))
+
+
+def resolve_size(request: GenerationRequest, model: LoadedModel) -> tuple[int, int]:
+    """Explicit size, else the input image's size (down to a multiple of 8), else the model's native size."""
+    if request.image is not None:
+        image_width, image_height = request.image.size
+        width = request.width or max(8, image_width - image_width % 8)
+        height = request.height or max(8, image_height - image_height % 8)
+        return width, height
+    native_width, native_height = model.default_size()
+    return request.width or native_width, request.height or native_height
+
+
+def generate(
+    pipeline: DiffusionPipeline,
+    model: LoadedModel,
+    request: GenerationRequest,
+    on_step: StepCallback,
+    is_cancelled: Callable[[], bool],
+    on_latents: LatentsCallback | None = None,
+) -> GenerationResult:
+    """Run `request` (its seed already drawn) on `pipeline`, a pipeline of `model` for the request's task."""
+    # 1. What the request resolves to on this model.
+    started = time.perf_counter()
+    spec = task_spec(request.task)
+    if request.seed is None:
+        raise ValueError("the engine draws the seed before a request runs")
+    width, height = resolve_size(request, model)
+    seeds = [request.seed + index for index in range(request.num_images)]
+    # 2. A scheduler of its own (never one shared with an earlier run) and exactly the request's LoRAs.
+    pipeline.scheduler = make_scheduler(request.scheduler, model.scheduler_config)
+    loras = model.loras.activate(request.loras)
+    prompt = with_trigger_words(request.prompt, loras)
+    # 3. The call: CPU generators give the same starting noise on every device, so a seed reproduces anywhere.
+    arguments: dict[str, Any] = {
+        "prompt": prompt,
+        "negative_prompt": request.negative_prompt or None,
+        "num_inference_steps": request.steps,
+        "guidance_scale": request.guidance_scale,
+        "num_images_per_prompt": request.num_images,
+        "generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+        "callback_on_step_end": _step_hook(metrics.StepMeter(model.name, on_step), is_cancelled, on_latents),
+    }
+    arguments |= spec.image_arguments(request, width, height)
+    arguments |= _controlnet_arguments(spec, request, width, height)
+    with torch.inference_mode():
+        images = pipeline(**arguments).images
+    if is_cancelled():
+        raise JobCancelled("cancelled")
+    # 4. Inpainting keeps the pixels outside the mask exactly: a VAE round trip would shift them slightly.
+    if spec.needs_mask:
+        images = [Image.composite(generated, arguments["image"], arguments["mask_image"]) for generated in images]
+    controlnet = request.controlnet
+    return GenerationResult(
+        images=images,
+        seeds=seeds,
+        model=model.name,
+        prompt=prompt,
+        negative_prompt=request.negative_prompt,
+        width=width,
+        height=height,
+        steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        strength=spec.strength(request),
+        scheduler=request.scheduler or model.scheduler_config["_class_name"],
+        scheduler_name=request.scheduler,
+        loras=loras,
+        controlnet=ControlNetUse(controlnet.name, controlnet.scale) if controlnet else None,
+        model_sha256=model.entry.sha256,
+        timings={"inference_s": round(time.perf_counter() - started, 4)},
+    )
+
+
+def _step_hook(
+    on_step: StepCallback, is_cancelled: Callable[[], bool], on_latents: LatentsCallback | None
+) -> Callable[..., dict[str, Any]]:
+    def step_end(pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        if on_latents is not None and "latents" in tensors:
+            on_latents(step + 1, tensors["latents"])
+        on_step(step + 1, pipe.num_timesteps)
+        if is_cancelled():
+            # Raising from the step hook stops at once; the interrupt flag would still run the remaining loop
+            # and the VAE decode (a second or more on CPU) for an image nobody wants.
+            raise JobCancelled("cancelled")
+        return tensors
+
+    return step_end
+
+
+def _controlnet_arguments(spec: TaskSpec, request: GenerationRequest, width: int, height: int) -> dict[str, Any]:
+    if request.controlnet is None:
+        return {}
+    control = request.controlnet
+    return {
+        spec.control_image_argument: fit_image(control.image, width, height, "RGB"),
+        "controlnet_conditioning_scale": control.scale,
+    }
+

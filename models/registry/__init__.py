@@ -1,0 +1,12 @@
+"""The model registry: `registry.yaml` (entries people edit by hand and training runs write), the code that reads
+and writes it safely, and the builtin models a `demo:NAME` source builds offline.
+
+    entries.py    RegistryEntry: what a name stands for (plain data, shared with the engine's clients)
+    registry.py   Registry: validated reads, atomic commented writes, reload when the file changes
+    builtins.py   demo:tiny, demo:sd15, demo:controlnet-tiny, ... built into the cache folder from code
+"""
+
+from models.registry.entries import BASE_KINDS, ModelKind, RegistryEntry
+from models.registry.registry import Registry
+
+__all__ = ["BASE_KINDS", "ModelKind", "Registry", "RegistryEntry"]

@@ -1,0 +1,27 @@
+"""A registry entry: what a name in `registry.yaml` stands for. Plain data, shared by the engine and its clients."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ModelKind = Literal["base", "lora", "dreambooth", "controlnet"]
+BASE_KINDS: tuple[str, ...] = ("base", "dreambooth")
+
+
+class RegistryEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: ModelKind = "base"
+    source: str = Field(min_length=1, description="demo:NAME, HF repo id, local folder or single file")
+    base: str | None = Field(None, description="Base model name, for adapters")
+    weight_name: str | None = Field(None, description="File inside a folder or repo, when not the default")
+    config: str | None = Field(None, description="Diffusers config folder or repo for single-file checkpoints")
+    scale: float = Field(1.0, description="Default adapter scale")
+    trigger_words: list[str] = Field(default_factory=list)
+    sha256: str | None = None
+    created_by: str | None = Field(None, description="Training run id that produced this entry")
+    created_at: datetime | None = None
+    description: str | None = None

@@ -1,0 +1,74 @@
+"""Names and sources: the one place that says what a valid name is, when a string is a path or a Hugging Face repo
+id, which folders client-named files may come from, and which weight files can run code when loaded."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from huggingface_hub import constants as hf_constants
+
+from models.settings import Settings
+
+# Registry entries, training runs and their registered outputs.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+# Adapter names inside a pipeline (PEFT accepts fewer characters than registry names).
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,100}$"
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+_HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_valid_name(name: str) -> bool:
+    return re.fullmatch(NAME_PATTERN, name) is not None
+
+
+def is_hf_repo_id(source: str) -> bool:
+    return _HF_REPO_ID.fullmatch(source) is not None
+
+
+def looks_like_path(source: str) -> bool:
+    """A local file or folder rather than a repo id: absolute, relative with ./ or ../, a weight file's name, or
+    deeper than owner/name."""
+    path = Path(source)
+    return (
+        source.startswith(("/", "./", "../", "~", "\\"))
+        or path.suffix.lower() in WEIGHT_SUFFIXES
+        or ".." in path.parts
+        or len(path.parts) > 2
+    )
+
+
+def is_pickle(path: Path | str) -> bool:
+    return Path(path).suffix.lower() in PICKLE_SUFFIXES
+
+
+def pickle_refusal(path: Path | str, settings: Settings, what: str) -> str | None:
+    """Why a weight file may not be read, when it is a pickle (which can run code when loaded) and
+    SDSERVE_ALLOW_PICKLE is off; None when it may be read. Callers raise the error their context calls for."""
+    if not is_pickle(path) or settings.allow_pickle:
+        return None
+    return (
+        f"{what}: {Path(path).name} is a pickle file, which can run code when loaded; convert it to "
+        ".safetensors, or start the server with SDSERVE_ALLOW_PICKLE=true if you trust it"
+    )
+
+
+def hf_cache_dir() -> Path:
+    # Read at call time so HF_HOME / HF_HUB_CACHE changes (and tests) are honoured.
+    return Path(hf_constants.HF_HUB_CACHE)
+
+
+def allowed_roots(settings: Settings) -> list[Path]:
+    """Folders that client-named weight files (LoRAs, ControlNets) may be read from."""
+    if settings.lora_roots is not None:
+        roots = list(settings.lora_roots)
+    else:
+        roots = [settings.registry_path.parent, settings.output_dir, hf_cache_dir()]
+    return [root.expanduser().resolve() for root in roots]
+
+
+def is_inside_roots(settings: Settings, resolved: Path) -> bool:
+    """Whether a resolved path (symlinks and `..` gone) lies inside one of the allowed roots."""
+    return any(resolved.is_relative_to(root) for root in allowed_roots(settings))

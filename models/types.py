@@ -1,0 +1,273 @@
+"""The vocabulary that crosses the engine interface: what a client asks for, and the snapshots it gets back.
+
+Everything here is plain data (frozen dataclasses, enums, PIL images): it can be copied to another thread or
+pickled to another process, so a remote engine can stand behind the same interface as the in-process one.
+Nothing here refers to a live pipeline, queue or database session.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Literal
+
+from PIL import Image
+
+Task = Literal["text2img", "img2img", "inpainting"]
+TASK_NAMES: tuple[Task, ...] = ("text2img", "img2img", "inpainting")
+MAX_SEED = 2**32 - 1
+SeedOrigin = Literal["client", "drawn"]
+
+
+class JobStatus(str, Enum):
+    """Where a generation job (or a training run) stands. The last four are final."""
+
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    interrupted = "interrupted"  # the server stopped before it finished
+
+    @property
+    def finished(self) -> bool:
+        return self not in (JobStatus.queued, JobStatus.running)
+
+
+UNFINISHED_STATUSES = (JobStatus.queued, JobStatus.running)
+
+
+class EngineState(str, Enum):
+    starting = "starting"
+    loading = "loading"
+    ready = "ready"
+    failed = "failed"
+    stopped = "stopped"
+
+
+# -- what a client asks for -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA a request asks for. `scale` None means the registry's (or preload's) default, else 1.0."""
+
+    name: str
+    weight_name: str | None = None
+    scale: float | None = None
+
+
+@dataclass(frozen=True)
+class ControlNetSpec:
+    """A ControlNet for one generation and its conditioning image (edges, depth, pose, ...)."""
+
+    name: str
+    image: Image.Image = field(repr=False)
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation in domain terms. `seed` None asks the engine to draw one (the job records which it was)."""
+
+    task: Task
+    prompt: str
+    negative_prompt: str | None = None
+    model: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int = 30
+    guidance_scale: float = 7.0
+    num_images: int = 1
+    seed: int | None = None
+    strength: float | None = None
+    scheduler: str | None = None
+    image: Image.Image | None = field(default=None, repr=False)
+    mask_image: Image.Image | None = field(default=None, repr=False)
+    loras: tuple[LoraSpec, ...] = ()
+    controlnet: ControlNetSpec | None = None
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """How a job is handled around the generation itself."""
+
+    save: bool | None = None  # save the images as PNG files; None: SDSERVE_SAVE_IMAGES
+    output_format: str = "png"  # how the client wants its images encoded (saved files are always PNG)
+    source: str = "jobs"  # the route that submitted it
+
+
+# -- what ran -------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ActiveLora:
+    """A LoRA as one generation used it: the resolved scale, the trigger words it added, the file's identity."""
+
+    name: str
+    adapter_name: str
+    scale: float
+    trigger_words: tuple[str, ...] = ()
+    weight_name: str | None = None
+    sha256: str | None = None  # the registry's, when the LoRA is a registry entry
+
+
+@dataclass(frozen=True)
+class ControlNetUse:
+    name: str
+    scale: float
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What a finished generation made and exactly how: the one record every answer, file and row comes from."""
+
+    images: list[Image.Image] = field(repr=False)
+    seeds: list[int]
+    model: str
+    prompt: str  # as the pipeline received it: the request's prompt with the LoRAs' trigger words
+    negative_prompt: str | None
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    strength: float | None
+    scheduler: str  # the request's scheduler name, else the model's own scheduler class
+    scheduler_name: str | None  # the request's scheduler name (None: the model's own), to ask for it again
+    loras: tuple[ActiveLora, ...] = ()
+    controlnet: ControlNetUse | None = None
+    model_sha256: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# -- jobs as a client sees them -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class JobSnapshot:
+    """A job at one moment, live or from the database. `result` is set once it succeeded (when asked for and,
+    for a recorded job, while its image files exist)."""
+
+    id: str
+    task: Task
+    status: JobStatus
+    prompt: str  # as asked
+    negative_prompt: str | None
+    model: str
+    options: JobOptions
+    seed_origin: SeedOrigin
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    queue_position: int | None = None  # 0 while running, 1 for the next one; None once finished
+    step: int = 0
+    total_steps: int = 0
+    error: str | None = None
+    cached: bool = False  # answered from the result cache
+    cancel_requested: bool = False
+    image_ids: tuple[str, ...] = ()  # saved image files, once written
+    result: GenerationResult | None = None
+
+
+EventKind = Literal["queued", "started", "progress", "done", "error", "cancelled"]
+TERMINAL_EVENTS: frozenset[str] = frozenset({"done", "error", "cancelled"})
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One change of a job: queued {position}, started, progress {step, total_steps, preview?}, then exactly one of
+    done, error {detail} or cancelled {detail}."""
+
+    job_id: str
+    kind: EventKind
+    seq: int
+    status: JobStatus
+    at: float
+    position: int | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    preview: bytes | None = field(default=None, repr=False)  # a small JPEG of the latents
+    detail: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.kind in TERMINAL_EVENTS
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a listing, and how many there are in all."""
+
+    items: list[Any]
+    total: int
+
+
+@dataclass(frozen=True)
+class ImageSnapshot:
+    """A saved image file and the parameters it was made with."""
+
+    id: str
+    job_id: str
+    index: int
+    model: str
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+    width: int
+    height: int
+    sha256: str
+    size_bytes: int
+    path: str  # relative to the output folder
+    parameters_text: str
+    created_at: float
+
+
+# -- adapters, pipelines, the engine's state ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoraInfo:
+    """A loaded LoRA adapter."""
+
+    adapter_name: str
+    reference: str
+    file: str
+    scale: float
+    trigger_words: tuple[str, ...]
+    preloaded: bool
+    loaded_at: float
+    uses: int
+
+
+@dataclass(frozen=True)
+class ControlNetInfo:
+    """A loaded ControlNet."""
+
+    name: str
+    source: str
+    preloaded: bool
+    loaded_at: float
+    uses: int
+
+
+@dataclass(frozen=True)
+class PipelineInfo:
+    task: str
+    pipeline_class: str
+    scheduler: str
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """A loaded base model: its task pipelines, its LoRAs and the adapters the last request ran with."""
+
+    name: str
+    pipelines: tuple[PipelineInfo, ...]
+    weight_bytes: int
+    loaded_at: float
+    loras: tuple[LoraInfo, ...] = ()
+    applied_loras: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    state: EngineState
+    default_model: str
+    loaded_models: tuple[str, ...]
+    queue_depth: int
+    queue_capacity: int
+    device: dict[str, str]
+    schedulers: tuple[str, ...]
+    error: str | None = None
