@@ -17,9 +17,10 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from models.engine import device_memory
 from models.engine.generate import check_request, generate
 from models.engine.pipelines import PipelineCache
 from models.engine.previews import LatentPreviewer
@@ -65,6 +66,8 @@ class Job:
     image_ids: tuple[str, ...] = ()  # set by the recorder once the files are written
     future: Future[GenerationResult] = field(default_factory=Future, repr=False)
     cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
+    # Finish at the next step with the image so far (A1111's interrupt), rather than cancel.
+    stop_requested: threading.Event = field(default_factory=threading.Event, repr=False)
     request_id: str | None = field(default_factory=current_request_id)
     result: GenerationResult | None = field(default=None, repr=False)
     _event_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -238,6 +241,20 @@ class GenerationWorker:
         logger.info("job %s cancel requested", job_id)
         return job
 
+    def stop_early(self, job_id: str) -> Job | None:
+        """Finish a running job at its next step with what it has made so far; a queued one is cancelled (it has
+        made nothing). Returns None if unknown."""
+        with self._condition:
+            job = self._jobs.get(job_id)
+            if job is None or job.done:
+                return job
+            running = job is self._current
+        if not running:
+            return self.cancel(job_id)
+        job.stop_requested.set()
+        logger.info("job %s asked to finish early", job_id)
+        return job
+
     def job(self, job_id: str) -> Job | None:
         with self._condition:
             return self._jobs.get(job_id)
@@ -307,10 +324,14 @@ class GenerationWorker:
         job.emit("started")
         request = job.request
         try:
-            controlnet = request.controlnet.name if request.controlnet is not None else None
-            pipeline, model = self.cache.get(job.model, request.task, controlnet=controlnet)
+            controlnets = tuple(control.name for control in request.controlnets)
+            pipeline, model = self.cache.get(job.model, request.task, controlnets=controlnets)
+            second = self.cache.get(job.model, "img2img", controlnets=controlnets)[0] if request.hires else None
             on_step, on_latents = self._progress_hooks(job, pipeline)
-            result = generate(pipeline, model, request, on_step, job.cancel_requested.is_set, on_latents=on_latents)
+            device_memory.reset_peak()
+            result = generate(pipeline, model, request, on_step, job.cancel_requested.is_set, on_latents=on_latents,
+                              second_pipeline=second, stop_early=job.stop_requested.is_set)
+            result = replace(result, peak_memory_mb=device_memory.peak_mb())
         except JobCancelled:
             if self._stopping:
                 self._finish(job, JobStatus.interrupted, error="the server is shutting down",
