@@ -71,14 +71,18 @@ class ControlNetSpec:
     guess_mode: bool = False
 
 
-HiresUpscaler = Literal["latent", "latent-nearest", "lanczos", "nearest"]
-HIRES_UPSCALERS: tuple[HiresUpscaler, ...] = ("latent", "latent-nearest", "lanczos", "nearest")
+HiresUpscaler = Literal["latent", "latent-antialiased", "latent-bicubic", "latent-bicubic-antialiased",
+                        "latent-nearest", "latent-nearest-exact", "lanczos", "nearest"]
+HIRES_UPSCALERS: tuple[HiresUpscaler, ...] = ("latent", "latent-antialiased", "latent-bicubic",
+                                              "latent-bicubic-antialiased", "latent-nearest", "latent-nearest-exact",
+                                              "lanczos", "nearest")
 
 
 @dataclass(frozen=True)
 class HiresFix:
     """A second pass at a larger size (A1111's "hires fix"): the first pass at the request's size, an upscale of
-    its latents (`latent`: bilinear, `latent-nearest`) or of its image (`lanczos`, `nearest`) to width x height,
+    its latents (`latent`: bilinear; bicubic, nearest, antialiased variants) or of its image (`lanczos`, `nearest`)
+    to width x height,
     then img2img at that size with `strength` over `steps` steps (None: the request's steps)."""
 
     width: int

@@ -64,9 +64,9 @@ def test_openai_generations(client):
     data = response.json()["data"]
     assert len(data) == 2 and from_b64(data[0]["b64_json"]).size == (128, 64)
     as_url = client.post("/v1/images/generations", json={**body, "n": 1, "response_format": "url"}).json()
-    assert as_url["data"][0]["url"].startswith("data:image/png;base64,")
+    assert as_url["data"][0]["url"].startswith("http://testserver/v1/images/files/")
     bad = client.post("/v1/images/generations", json={**body, "size": "big"})
-    assert bad.status_code == 422 and "WIDTHxHEIGHT" in bad.json()["detail"]
+    assert bad.status_code == 400 and "WIDTHxHEIGHT" in bad.json()["error"]["message"]  # OpenAI's error shape
 
 
 def test_openai_edit_with_transparent_mask_keeps_opaque_area(client):

@@ -15,7 +15,15 @@ from PIL import Image
 
 from models.types import HiresFix
 
-_LATENT_MODES = {"latent": "bilinear", "latent-nearest": "nearest"}
+# upscaler -> (torch interpolation mode, antialias), as A1111's latent upscale modes
+_LATENT_MODES = {
+    "latent": ("bilinear", False),
+    "latent-antialiased": ("bilinear", True),
+    "latent-bicubic": ("bicubic", False),
+    "latent-bicubic-antialiased": ("bicubic", True),
+    "latent-nearest": ("nearest", False),
+    "latent-nearest-exact": ("nearest-exact", False),
+}
 _IMAGE_FILTERS = {"lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
 
 
@@ -38,8 +46,8 @@ def upscale(first_pass: Any, hires: HiresFix, vae_scale_factor: int) -> Any:
     if is_latent(hires):
         latents: torch.Tensor = first_pass
         size = (hires.height // vae_scale_factor, hires.width // vae_scale_factor)
-        mode = _LATENT_MODES[hires.upscaler]
-        options = {"align_corners": False, "antialias": False} if mode == "bilinear" else {}
+        mode, antialias = _LATENT_MODES[hires.upscaler]
+        options = {"align_corners": False, "antialias": antialias} if mode in ("bilinear", "bicubic") else {}
         return F.interpolate(latents, size=size, mode=mode, **options)
     resample = _IMAGE_FILTERS[hires.upscaler]
     return [image.resize((hires.width, hires.height), resample) for image in first_pass]
