@@ -52,6 +52,9 @@ class GenerationsBody(BaseModel):
     size: str | None = Field(None, description="WIDTHxHEIGHT, e.g. 512x512, or auto")
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: Literal["png", "jpeg", "webp"] = "png"
+    # sdserve's own additions (send them with the SDK's extra_body): OpenAI's API has no seed or steps.
+    seed: int | None = Field(None, description="sdserve: the first image's seed (image i: seed + i).")
+    steps: int | None = Field(None, ge=1, description="sdserve: denoising steps (default 30).")
 
 
 class ModelObject(BaseModel):
@@ -81,7 +84,7 @@ def generations_body(body: GenerationsBody, entries: dict[str, RegistryEntry]) -
     return build_body(
         Text2ImgBody, prompt=body.prompt, number_of_images=body.n, width=width, height=height,
         model=resolve_model_alias(entries, body.model, ignored=OPENAI_MODELS), output_format=body.output_format,
-        save=True if body.response_format == "url" else None,
+        save=True if body.response_format == "url" else None, seed=body.seed, steps=body.steps,
     )
 
 
