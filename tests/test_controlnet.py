@@ -196,3 +196,25 @@ def test_deriving_keeps_the_shared_weights_in_the_server_dtype(settings: Setting
     assert again is pipeline, "the derived pipeline is kept, not rebuilt per request"
     assert cache.controlnets.unload("demo-controlnet")
     assert cache.get("demo", "text2img", controlnets=("demo-controlnet",))[0] is not pipeline
+
+
+def test_several_controlnets_run_as_one_multi_controlnet_on_the_base(client: TestClient) -> None:
+    client.post("/models", json={"name": "cn-two", "kind": "controlnet", "source": "demo:controlnet-tiny"})
+    one = text2img(client, controlnet={"name": "demo-controlnet", "image": CONTROL})
+    other = to_b64(gradient_image(64, 64))
+    both = text2img(client, controlnet=[{"name": "demo-controlnet", "image": CONTROL},
+                                        {"name": "cn-two", "image": other, "scale": 0.5}])
+    assert [c["name"] for c in both["parameters"]["controlnet"]] == ["demo-controlnet", "cn-two"]
+    assert image_bytes(both) != image_bytes(one)
+    # The second at scale 0 adds nothing: the same pixels as the first alone.
+    zero = text2img(client, controlnet=[{"name": "demo-controlnet", "image": CONTROL},
+                                        {"name": "cn-two", "image": other, "scale": 0}])
+    assert image_bytes(zero) == image_bytes(one)
+    state = client.get("/pipeline-state/").json()
+    assert state["controlnet_attached"] and state["controlnets"] == ["demo-controlnet", "cn-two"]
+
+    def inspect(cache):
+        pipeline, model = cache.get("demo", "text2img", controlnets=("demo-controlnet", "cn-two"))
+        return type(pipeline.controlnet).__name__, pipeline.unet is model.base.unet, len(pipeline.controlnet.nets)
+
+    assert client.app.state.engine.worker.call(inspect).result(30) == ("MultiControlNetModel", True, 2)
