@@ -123,7 +123,11 @@ class FakeEngine:
         return job.snapshot
 
     async def saved_image_ids(self, job_id: str, timeout_s: float = 30.0) -> tuple[str, ...]:
-        return self._get(job_id).snapshot.image_ids
+        """Made-up ids for a job that asked to save its images (the fake writes no files)."""
+        job = self._get(job_id)
+        if not job.snapshot.options.save or job.snapshot.result is None:
+            return ()
+        return tuple(f"{job_id[:24]}{index:08x}" for index in range(len(job.snapshot.result.images)))
 
     async def job(self, job_id: str, with_result: bool = True) -> JobSnapshot:
         snapshot = self._get(job_id).snapshot
