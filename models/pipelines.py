@@ -24,6 +24,7 @@ from diffusers.utils import logging as diffusers_logging
 
 from models import demo, metrics
 from models.adapters import PICKLE_SUFFIXES, LoraAdapters, LoraResolver
+from models.backends import apply_backend, backend_for
 from models.controlnets import ControlNets
 from models.device import DeviceConfig
 from models.errors import InvalidRequest, ModelUnavailable
@@ -125,6 +126,9 @@ class PipelineCache:
         logger.info("loading model %r from %s", name, entry.source)
         pipeline = self._from_source(name, entry)
         pipeline = self._place(pipeline)
+        # The backend hook: placed and typed, before any LoRA is loaded (models/backends.py says why).
+        apply_backend(pipeline, backend_for(entry.backend, self.settings.backend), self.device.device,
+                      self.settings.cache_dir, name)
         pipeline.set_progress_bar_config(disable=True)
         seconds = time.perf_counter() - started
         weights = _weight_bytes(pipeline)
