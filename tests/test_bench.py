@@ -59,3 +59,18 @@ def test_tiny_run_writes_the_table_and_json_with_every_row(tmp_path: Path, model
     assert all(result["returncode"] == 0 and result["steps_per_s"] > 0 for result in data["training"])
     assert set(DEFAULT_ROWS) >= {"server", "concurrency", "training"}
     assert data["machine"]["logical_cpus"] >= 1
+
+
+def test_profile_samples_are_grouped_by_the_deepest_stage():
+    from models.bench.profile import summarise
+
+    collapsed = "\n".join([
+        "run (worker.py:1);__call__ (pipeline_stable_diffusion.py:9);forward (unets/unet_2d_condition.py:3);"
+        "forward (torch/nn/modules/conv.py:5) 6",
+        "run (worker.py:1);__call__ (pipeline_stable_diffusion.py:9);decode (autoencoders/vae.py:2) 3",
+        "run (asyncio/base_events.py:1);encode (api/images.py:4);_save (PIL/PngImagePlugin.py:7) 1",
+    ])
+    profile = summarise(collapsed, seconds=1.0, requests=1)
+    assert profile.samples == 10
+    assert profile.stages == {"UNet": 0.6, "VAE decode": 0.3, "PNG encoding and saving": 0.1}
+    assert profile.top_frames[0] == ("forward (torch/nn/modules/conv.py:5)", 0.6)

@@ -9,7 +9,8 @@ Rows: server (server vs bare pipe()), per-request (seed 000's pipeline per reque
 (1/4/16 clients, with micro-batching when the server has it), lora (switching and resident memory over 300 requests),
 models (switching between two cached bases), cold-start, fast-path (OpenVINO UNet vs eager), torch-options
 (channels_last, one thread, torch.compile vs eager; not in the default set), training (steps/s and peak memory
-with and without latent caching and gradient checkpointing).
+with and without latent caching and gradient checkpointing), profile (py-spy samples of the server answering
+requests; needs py-spy on PATH or --py-spy; not in the default set).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+from models.bench import profile as profiling
 from models.bench import report, rows, training_rows
 from models.bench.stats import Comparison, Skipped
 
@@ -46,7 +48,7 @@ DEFAULT_ROWS = ["server", "per-request", "concurrency", "lora", "models", "cold-
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m models.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="+", choices=[*ROWS, "training"], default=DEFAULT_ROWS)
+    parser.add_argument("--rows", nargs="+", choices=[*ROWS, "training", "profile"], default=DEFAULT_ROWS)
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="where bench.md and bench.json go")
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache/sdserve"),
                         help="builtin models and OpenVINO exports, kept between runs")
@@ -68,6 +70,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-steps", type=int, default=None)
     parser.add_argument("--train-resolution", type=int, default=None)
     parser.add_argument("--train-batch", type=int, default=4)
+    parser.add_argument("--py-spy", help="the py-spy executable for the profile row (default: py-spy on PATH)")
+    parser.add_argument("--profile-requests", type=int, default=10)
     return parser.parse_args(argv)
 
 
@@ -98,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     comparisons: list[Comparison] = []
     skipped: list[Skipped] = []
     training: list[training_rows.TrainingResult] = []
+    profile: profiling.Profile | None = None
     with tempfile.TemporaryDirectory(prefix="sdserve-bench-") as scratch:
         config = config_from(arguments, Path(scratch))
         meta["config"] = {key: str(value) for key, value in vars(config).items()}
@@ -108,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
                 row_started = time.perf_counter()
                 if name == "training":
                     training += _training(context, arguments)
+                elif name == "profile":
+                    py_spy = profiling.find_py_spy(arguments.py_spy)
+                    if py_spy is None:
+                        skipped.append(Skipped("profile", "py-spy is not installed (pip install py-spy)"))
+                    else:
+                        profile = profiling.profile_server(context, py_spy, arguments.profile_requests)
                 else:
                     for row in ROWS[name](context):
                         (skipped if isinstance(row, Skipped) else comparisons).append(row)
@@ -115,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             context.close()
     meta |= {"wall_s": time.perf_counter() - started, "load_end": _load()}
-    table, data = report.write(arguments.out, meta, comparisons, skipped, training)
+    table, data = report.write(arguments.out, meta, comparisons, skipped, training, profile)
     sys.stdout.write(table.read_text(encoding="utf-8"))
     logger.info("wrote %s and %s", table, data)
     return 0

@@ -12,6 +12,7 @@ import diffusers
 import psutil
 import torch
 
+from models.bench import profile as profiling
 from models.bench.stats import Comparison, Skipped
 from models.bench.training_rows import TrainingResult
 
@@ -57,7 +58,7 @@ def _verdict(row: Comparison) -> str:
 
 
 def markdown(meta: dict[str, Any], rows: list[Comparison], skipped: list[Skipped],
-             training: list[TrainingResult]) -> str:
+             training: list[TrainingResult], profile: profiling.Profile | None = None) -> str:
     m = meta["machine"]
     lines = [
         "# sdserve benchmark", "",
@@ -89,21 +90,24 @@ def markdown(meta: dict[str, Any], rows: list[Comparison], skipped: list[Skipped
             lines.append(f"| {result.model} | {result.variant} | {result.resolution} | {result.batch} | "
                          f"{result.steps} | {_number(result.steps_per_s)} | {result.wall_s:.1f} | "
                          f"{result.peak_rss_mb:.0f} | {result.returncode} |")
+    if profile is not None:
+        lines += profiling.markdown(profile)
     if skipped:
         lines += ["", "Not run:", ""] + [f"- {item.row}: {item.reason}" for item in skipped]
     return "\n".join(lines) + "\n"
 
 
 def write(out: Path, meta: dict[str, Any], rows: list[Comparison], skipped: list[Skipped],
-          training: list[TrainingResult]) -> tuple[Path, Path]:
+          training: list[TrainingResult], profile: profiling.Profile | None = None) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     table = out / "bench.md"
-    table.write_text(markdown(meta, rows, skipped, training), encoding="utf-8")
+    table.write_text(markdown(meta, rows, skipped, training, profile), encoding="utf-8")
     data = out / "bench.json"
     data.write_text(json.dumps({
         **meta,
         "comparisons": [row.to_json() for row in rows],
         "training": [result.to_json() for result in training],
         "skipped": [item.__dict__ for item in skipped],
+        "profile": profile.to_json() if profile is not None else None,
     }, indent=2, default=str), encoding="utf-8")
     return table, data
