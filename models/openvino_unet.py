@@ -155,7 +155,9 @@ def _compile(folder: Path, cache_dir: Path) -> Any:
     blobs = Path(cache_dir) / "openvino" / "compiled"
     blobs.mkdir(parents=True, exist_ok=True)
     # f32 explicitly: on CPUs with bf16 units OpenVINO would otherwise pick bf16 and the images would drift.
-    config = {"CACHE_DIR": str(blobs), "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+    # As many threads as torch uses, so OMP_NUM_THREADS / torch.set_num_threads hold for the whole pipeline.
+    config = {"CACHE_DIR": str(blobs), "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+              "INFERENCE_NUM_THREADS": torch.get_num_threads()}
     started = time.perf_counter()
     compiled = core.compile_model(str(folder / IR_NAME), "CPU", config)
     logger.info("compiled the OpenVINO UNet in %.1fs", time.perf_counter() - started)

@@ -3,7 +3,7 @@
     python -m models.bench.bare --folder PATH [--variant eager|openvino|per-request|compile|channels-last|threads1]
 
 Answers one JSON line per command on stdout: {"op": "generate", "prompt", "size", "steps", "seed", "guidance",
-"image": bool} -> {"seconds", "png"?}; {"op": "rss"} -> {"rss_mb"}; {"op": "quit"}. Logs go to stderr.
+"image": bool} -> {"seconds", "unet_s", "png"?}; {"op": "rss"} -> {"rss_mb"}; {"op": "quit"}. Logs go to stderr.
 Variant `per-request` is seed 000's design: a pipeline built with from_pretrained for every request.
 """
 
@@ -47,17 +47,30 @@ class Bare:
             pipe.vae.to(memory_format=torch.channels_last)
         elif self.variant == "compile":
             pipe.unet = torch.compile(pipe.unet)
+        self._time_unet(pipe.unet)
         return pipe
+
+    def _time_unet(self, unet: torch.nn.Module) -> None:
+        """Add up the time spent in UNet calls, so a row can tell the denoising loop from the rest."""
+        self.unet_s = 0.0
+        started: list[float] = []
+        unet.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()))
+
+        def done(*_: Any) -> None:
+            self.unet_s += time.perf_counter() - started.pop()
+
+        unet.register_forward_hook(done)
 
     def generate(self, command: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
         pipe = self.pipe or self._build()
+        self.unet_s = 0.0
         generator = torch.Generator("cpu").manual_seed(int(command["seed"]))
         with torch.inference_mode():
             image = pipe(command["prompt"], num_inference_steps=int(command["steps"]), width=int(command["size"]),
                          height=int(command["size"]), guidance_scale=float(command.get("guidance", 7.0)),
                          generator=generator).images[0]
-        answer: dict[str, Any] = {"seconds": time.perf_counter() - started}
+        answer: dict[str, Any] = {"seconds": time.perf_counter() - started, "unet_s": self.unet_s}
         if command.get("image"):
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")

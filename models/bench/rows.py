@@ -240,7 +240,7 @@ def concurrency(ctx: Context) -> list[Row]:
 
 def _concurrency_row(ctx: Context, server: ServerProcess, bare: BareProcess, mode: str, clients: int, size: int,
                      steps: int) -> Comparison:
-    per_client = 4 if clients == 1 else 2  # at least 4 images a round, and every client waits in the queue twice
+    per_client = max(1, 8 // clients)  # at least 8 images a round, whatever the number of clients
     images = clients * per_client
     a = Side(f"server, {clients} concurrent client(s), {mode}")
     b = Side(f"bare pipe(), the same {images} images one after another")
@@ -380,17 +380,26 @@ def _variant_row(ctx: Context, model: str, variant: str, title: str) -> Comparis
             first_eager = eager.generate(PROMPT, size, steps, seed, image=True)
             difference = np.abs(_pixels(first_fast["png"]) - _pixels(first_eager["png"]))
             a, b = Side(f"{variant} pipe()"), Side("eager diffusers pipe()")
-            alternate(repeats, lambda: a.samples.append(fast.generate(PROMPT, size, steps, ctx.seed())["seconds"]),
-                      lambda: b.samples.append(eager.generate(PROMPT, size, steps, ctx.seed())["seconds"]))
+            unet_a, unet_b = Side("UNet calls"), Side("UNet calls")
+
+            def run(process: BareProcess, side: Side, unet: Side) -> None:
+                answer = process.generate(PROMPT, size, steps, ctx.seed())
+                side.samples.append(answer["seconds"])
+                unet.samples.append(answer["unet_s"])
+
+            alternate(repeats, lambda: run(fast, a, unet_a), lambda: run(eager, b, unet_b))
             load = f"load {fast.load_s:.1f}s vs {eager.load_s:.1f}s"
         finally:
             fast.stop()
     finally:
         eager.stop()
     return Comparison(title, model, f"{size}x{size}, {steps} steps", "s/image", a, b,
-                      notes=f"images differ by at most {difference.max():.0f}/255 (mean {difference.mean():.3f}); "
-                            f"{load} (first call of {variant}: {first_fast['seconds']:.1f}s)",
-                      extra={"max_pixel_difference": float(difference.max()),
+                      notes=f"UNet calls alone {unet_a.median:.3f}s vs {unet_b.median:.3f}s per image "
+                            f"({unet_b.median / unet_a.median:.2f}x); images differ by at most "
+                            f"{difference.max():.0f}/255 (mean {difference.mean():.3f}); {load} "
+                            f"(first call of {variant}: {first_fast['seconds']:.1f}s)",
+                      extra={"unet_s": {"a": unet_a.samples, "b": unet_b.samples},
+                             "max_pixel_difference": float(difference.max()),
                              "mean_pixel_difference": float(difference.mean()),
                              "load_s": {"a": fast.load_s, "b": eager.load_s}, "first_call_s": first_fast["seconds"]})
 
