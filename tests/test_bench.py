@@ -69,8 +69,9 @@ def test_profile_samples_are_grouped_by_the_deepest_stage():
         "forward (torch/nn/modules/conv.py:5) 6",
         "run (worker.py:1);__call__ (pipeline_stable_diffusion.py:9);decode (autoencoders/vae.py:2) 3",
         "run (asyncio/base_events.py:1);encode (api/images.py:4);_save (PIL/PngImagePlugin.py:7) 1",
+        "run (threading.py:982);_run (models/jobs.py:223);Queue.get (queue.py:171);Condition.wait (threading.py:3) 50",
     ])
     profile = summarise(collapsed, seconds=1.0, requests=1)
-    assert profile.samples == 10
+    assert profile.samples == 10 and profile.waiting == 50
     assert profile.stages == {"UNet": 0.6, "VAE decode": 0.3, "PNG encoding and saving": 0.1}
     assert profile.top_frames[0] == ("forward (torch/nn/modules/conv.py:5)", 0.6)
