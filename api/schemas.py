@@ -276,6 +276,7 @@ class ModelInfo(BaseModel):
     sha256: str | None = None
     created_by: str | None = None
     created_at: datetime | None = None
+    backend: Literal["torch", "openvino"] | None = None
     loaded: bool = False
 
     @classmethod
@@ -300,6 +301,9 @@ class RegisterModelBody(BaseModel):
     scale: float = 1.0
     trigger_words: list[str] = []
     description: str | None = None
+    backend: Literal["torch", "openvino"] | None = Field(
+        None, description="How this base runs: torch or openvino (CPU fast path); default: SDSERVE_BACKEND"
+    )
     replace: bool = False
 
     def to_entry(self) -> RegistryEntry:

@@ -19,6 +19,7 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 
 from models import metrics
+from models.engine.backends import apply_backend, backend_for
 from models.engine.controlnets import ControlNets
 from models.engine.device import DeviceConfig
 from models.engine.loras import LoraAdapters, LoraResolver
@@ -178,6 +179,9 @@ class PipelineCache:
         logger.info("loading model %r from %s", name, entry.source)
         pipeline = self._from_source(name, entry)
         pipeline = self._place(pipeline)
+        # The backend hook: placed and typed, before any LoRA is loaded (models/engine/backends.py says why).
+        apply_backend(pipeline, backend_for(entry.backend, self.settings.backend), self.device.device,
+                      self.settings.cache_dir, name)
         pipeline.set_progress_bar_config(disable=True)
         seconds = time.perf_counter() - started
         weights = _weight_bytes(pipeline)

@@ -25,3 +25,6 @@ class RegistryEntry(BaseModel):
     created_by: str | None = Field(None, description="Training run id that produced this entry")
     created_at: datetime | None = None
     description: str | None = None
+    backend: Literal["torch", "openvino"] | None = Field(
+        None, description="How this base runs (torch or openvino); default: the server's SDSERVE_BACKEND"
+    )
