@@ -75,7 +75,7 @@ class GenerationRequest:
     width: int | None = None
     height: int | None = None
     steps: int = 30
-    guidance_scale: float = 7.0
+    guidance_scale: float | None = None  # None: the model family's default (models/families.py)
     num_images: int = 1
     seed: int | None = None
     strength: float | None = None
@@ -84,6 +84,17 @@ class GenerationRequest:
     mask_image: Image.Image | None = field(default=None, repr=False)
     loras: tuple[LoraSpec, ...] = ()
     controlnet: ControlNetSpec | None = None
+    # What only some model families take (models/families.py says which); None: not given.
+    prompt_2: str | None = None  # the second text encoder's prompt (SDXL, SD 3.x: CLIP-G; FLUX: T5)
+    negative_prompt_2: str | None = None
+    prompt_3: str | None = None  # SD 3.x: the T5 encoder's prompt
+    negative_prompt_3: str | None = None
+    original_size: tuple[int, int] | None = None  # SDXL size conditioning, (height, width) as diffusers orders it
+    target_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None  # (top, left)
+    guidance: float | None = None  # FLUX's distilled guidance
+    refiner: str | None = None  # SDXL: a registry name of a refiner that runs the last steps
+    refiner_switch_at: float | None = None  # the fraction of the steps the base runs before the refiner
 
 
 @dataclass(frozen=True)
@@ -134,6 +145,10 @@ class GenerationResult:
     controlnet: ControlNetUse | None = None
     model_sha256: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    family: str | None = None  # the model's family (sd, sdxl, sdxl-refiner, sd3, flux)
+    # The family arguments it ran with (GenerationRequest names: prompt_2, original_size, refiner, ...), with the
+    # refiner's switch point resolved; only those given.
+    family_arguments: dict[str, Any] = field(default_factory=dict)
 
 
 # -- jobs as a client sees them -------------------------------------------------------------------------------------

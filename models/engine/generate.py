@@ -12,6 +12,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from models import metrics
+from models.engine.families import check_for_family, family_arguments, refiner_switch
 from models.engine.loras import with_trigger_words
 from models.engine.pipelines import LoadedModel
 from models.engine.schedulers import make_scheduler, scheduler_names
@@ -60,14 +61,19 @@ def check_request(request: GenerationRequest, settings: Settings) -> None:
 
 
 def resolve_size(request: GenerationRequest, model: LoadedModel) -> tuple[int, int]:
-    """Explicit size, else the input image's size (down to a multiple of 8), else the model's native size."""
+    """Explicit size, else the input image's size (down to the family's multiple: 8, or 16 for SD 3.x and FLUX),
+    else the model's native size."""
     if request.image is not None:
+        multiple = model.family.size_multiple
         image_width, image_height = request.image.size
-        width = request.width or max(8, image_width - image_width % 8)
-        height = request.height or max(8, image_height - image_height % 8)
+        width = request.width or max(multiple, image_width - image_width % multiple)
+        height = request.height or max(multiple, image_height - image_height % multiple)
         return width, height
     native_width, native_height = model.default_size()
     return request.width or native_width, request.height or native_height
+
+
+Refiner = tuple[DiffusionPipeline, LoadedModel]
 
 
 def generate(
@@ -77,33 +83,49 @@ def generate(
     on_step: StepCallback,
     is_cancelled: Callable[[], bool],
     on_latents: LatentsCallback | None = None,
+    refiner: Refiner | None = None,
 ) -> GenerationResult:
-    """Run `request` (its seed already drawn) on `pipeline`, a pipeline of `model` for the request's task."""
-    # 1. What the request resolves to on this model.
+    """Run `request` (its seed already drawn) on `pipeline`, a pipeline of `model` for the request's task; with a
+    `refiner` (its pipeline for the task and its model), the base runs the first steps and the refiner the rest."""
+    # 1. What the request resolves to on this model and its family.
     started = time.perf_counter()
     spec = task_spec(request.task)
+    family = model.family
+    check_for_family(request, family, model.name)
     if request.seed is None:
         raise ValueError("the engine draws the seed before a request runs")
     width, height = resolve_size(request, model)
     seeds = [request.seed + index for index in range(request.num_images)]
+    guidance = family.guidance_for(request)
     # 2. A scheduler of its own (never one shared with an earlier run) and exactly the request's LoRAs.
-    pipeline.scheduler = make_scheduler(request.scheduler, model.scheduler_config)
+    pipeline.scheduler = make_scheduler(request.scheduler, model.scheduler_config, family)
     loras = model.loras.activate(request.loras)
     prompt = with_trigger_words(request.prompt, loras)
     # 3. The call: CPU generators give the same starting noise on every device, so a seed reproduces anywhere.
+    if on_latents is not None and family.packed_latents:
+        on_latents = _unpacking(on_latents, pipeline, width, height)
+    meter = metrics.StepMeter(model.name, on_step)
     arguments: dict[str, Any] = {
         "prompt": prompt,
-        "negative_prompt": request.negative_prompt or None,
         "num_inference_steps": request.steps,
-        "guidance_scale": request.guidance_scale,
+        "guidance_scale": guidance,
         "num_images_per_prompt": request.num_images,
-        "generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds],
-        "callback_on_step_end": _step_hook(metrics.StepMeter(model.name, on_step), is_cancelled, on_latents),
+        "generator": _generators(seeds),
+        "callback_on_step_end": _step_hook(meter, is_cancelled, on_latents),
     }
-    arguments |= spec.image_arguments(request, width, height)
+    if family.negative_prompt:
+        arguments["negative_prompt"] = request.negative_prompt or None
+    arguments |= family_arguments(request)
+    arguments |= spec.image_arguments(request, width, height, family.img2img_takes_size)
     arguments |= _controlnet_arguments(spec, request, width, height)
+    family_used = family_arguments(request) | ({"guidance": guidance} if request.guidance is not None else {})
     with torch.inference_mode():
-        images = pipeline(**arguments).images
+        if refiner is None:
+            images = pipeline(**arguments).images
+        else:
+            switch = refiner_switch(request)
+            images = _refined(pipeline, arguments, refiner, request, switch, meter, is_cancelled, on_latents)
+            family_used |= {"refiner": refiner[1].name, "refiner_switch_at": switch}
     if is_cancelled():
         raise JobCancelled("cancelled")
     # 4. Inpainting keeps the pixels outside the mask exactly: a VAE round trip would shift them slightly.
@@ -119,7 +141,7 @@ def generate(
         width=width,
         height=height,
         steps=request.steps,
-        guidance_scale=request.guidance_scale,
+        guidance_scale=guidance,
         strength=spec.strength(request),
         scheduler=request.scheduler or model.scheduler_config["_class_name"],
         scheduler_name=request.scheduler,
@@ -127,7 +149,59 @@ def generate(
         controlnet=ControlNetUse(controlnet.name, controlnet.scale) if controlnet else None,
         model_sha256=model.entry.sha256,
         timings={"inference_s": round(time.perf_counter() - started, 4)},
+        family=family.name,
+        family_arguments=family_used,
     )
+
+
+def _refined(
+    pipeline: DiffusionPipeline, arguments: dict[str, Any], refiner: Refiner, request: GenerationRequest,
+    switch: float, on_step: StepCallback, is_cancelled: Callable[[], bool], on_latents: LatentsCallback | None,
+) -> list[Image.Image]:
+    """SDXL's ensemble of experts: the base denoises down to `switch` and hands its latents over; the refiner
+    (an img2img or inpainting pipeline) starts there and finishes. Steps count on from the base's."""
+    refiner_pipeline, refiner_model = refiner
+    expected_rest = max(1, round(request.steps * (1 - switch)))
+    base_hook = _step_hook(lambda step, total: on_step(step, total + expected_rest), is_cancelled, on_latents)
+    latents = pipeline(**arguments | {"denoising_end": switch, "output_type": "latent",
+                                      "callback_on_step_end": base_hook}).images
+    if is_cancelled():
+        raise JobCancelled("cancelled")
+    done = pipeline.num_timesteps
+    refiner_pipeline.scheduler = make_scheduler(request.scheduler, refiner_model.scheduler_config,
+                                                refiner_model.family)
+    refiner_arguments = {
+        key: value for key, value in arguments.items()
+        if key not in ("width", "height", "callback_on_step_end", "generator", "image", "strength")
+    }
+    if not refiner_model.family.negative_prompt:
+        refiner_arguments.pop("negative_prompt", None)
+    refiner_arguments |= {
+        "image": latents,
+        "denoising_start": switch,
+        "generator": _generators([generator.initial_seed() for generator in arguments["generator"]]),
+        "callback_on_step_end": _step_hook(lambda step, total: on_step(done + step, done + total), is_cancelled,
+                                           on_latents),
+    }
+    if "mask_image" in arguments:
+        refiner_arguments |= {"mask_image": arguments["mask_image"], "width": arguments["width"],
+                              "height": arguments["height"]}
+    return refiner_pipeline(**refiner_arguments).images
+
+
+def _generators(seeds: list[int]) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+
+def _unpacking(on_latents: LatentsCallback, pipeline: DiffusionPipeline, width: int, height: int) -> LatentsCallback:
+    """FLUX pipelines pack 2x2 latent patches into tokens: unpack them to (batch, channels, h, w) for previews."""
+
+    def unpacked(step: int, latents: torch.Tensor) -> None:
+        if latents.ndim == 3:
+            latents = type(pipeline)._unpack_latents(latents, height, width, pipeline.vae_scale_factor)
+        on_latents(step, latents)
+
+    return unpacked
 
 
 def _step_hook(

@@ -20,8 +20,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.engine.generate import check_request, generate
-from models.engine.pipelines import PipelineCache
+from models.engine.families import check_for_family, check_refiner
+from models.engine.generate import Refiner, check_request, generate
+from models.engine.pipelines import LoadedModel, PipelineCache
 from models.engine.previews import LatentPreviewer
 from models.errors import JobCancelled, NotReady, QueueFull, SdserveError
 from models.logcontext import current_request_id, log_context
@@ -309,8 +310,10 @@ class GenerationWorker:
         try:
             controlnet = request.controlnet.name if request.controlnet is not None else None
             pipeline, model = self.cache.get(job.model, request.task, controlnet=controlnet)
+            refiner = self._refiner(job, model) if request.refiner is not None else None
             on_step, on_latents = self._progress_hooks(job, pipeline)
-            result = generate(pipeline, model, request, on_step, job.cancel_requested.is_set, on_latents=on_latents)
+            result = generate(pipeline, model, request, on_step, job.cancel_requested.is_set, on_latents=on_latents,
+                              refiner=refiner)
         except JobCancelled:
             if self._stopping:
                 self._finish(job, JobStatus.interrupted, error="the server is shutting down",
@@ -360,6 +363,17 @@ class GenerationWorker:
             job.future.set_exception(JobCancelled(error or "cancelled"))
         else:
             job.future.set_exception(exception or SdserveError(error or "failed"))
+
+    def _refiner(self, job: Job, model: LoadedModel) -> Refiner:
+        """The refiner's pipeline for the job's last steps (img2img, or inpainting for an inpainting job), loaded
+        without unloading the job's base."""
+        request = job.request
+        assert request.refiner is not None
+        check_for_family(request, model.family, model.name)  # the base takes a refiner, before loading one
+        task = "inpainting" if request.task == "inpainting" else "img2img"
+        pipeline, refiner = self.cache.get(request.refiner, task, keep=(job.model,))
+        check_refiner(request.refiner, job.model, refiner.family)
+        return pipeline, refiner
 
     def _progress_hooks(self, job: Job, pipeline: Any) -> tuple[Callable[[int, int], None], Callable[[int, Any], None]]:
         """Step callbacks: every step a progress event; every Nth step of a watched job, a latent preview."""

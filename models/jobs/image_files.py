@@ -52,6 +52,8 @@ def reproduction_body(task: str, result: GenerationResult, index: int) -> dict[s
     }
     if result.strength is not None:
         body["strength"] = result.strength
+    body |= {name: list(value) if isinstance(value, tuple) else value
+             for name, value in result.family_arguments.items()}
     if result.loras:
         body["loras"] = [
             {"name": lora.name, "scale": lora.scale} | ({"weight_name": lora.weight_name} if lora.weight_name else {})
@@ -68,10 +70,12 @@ def a1111_parameters(result: GenerationResult, index: int) -> str:
     lines = [prompt]
     if result.negative_prompt:
         lines.append(f"Negative prompt: {result.negative_prompt}")
+    # FLUX has no classifier-free guidance: its guidance is what Forge writes as "Distilled CFG Scale".
+    guidance = "Distilled CFG Scale" if result.family == "flux" else "CFG scale"
     fields: list[tuple[str, Any]] = [
         ("Steps", result.steps),
         ("Sampler", result.scheduler),
-        ("CFG scale", result.guidance_scale),
+        (guidance, result.guidance_scale),
         ("Seed", result.seeds[index]),
         ("Size", f"{result.width}x{result.height}"),
     ]
@@ -80,6 +84,9 @@ def a1111_parameters(result: GenerationResult, index: int) -> str:
     fields.append(("Model", result.model))
     if result.strength is not None:
         fields.append(("Denoising strength", result.strength))
+    refiner = result.family_arguments.get("refiner")
+    if refiner:
+        fields += [("Refiner", refiner), ("Refiner switch at", result.family_arguments.get("refiner_switch_at"))]
     hashed = [lora for lora in result.loras if lora.sha256]
     if hashed:
         fields.append(("Lora hashes", '"' + ", ".join(f"{lora.name}: {lora.sha256[:12]}" for lora in hashed) + '"'))

@@ -57,7 +57,8 @@ def cache_key(request: GenerationRequest, model: str, entries: dict[str, Registr
     controlnet = request.controlnet.name if request.controlnet else None
     if controlnet is not None and controlnet not in entries:
         return None  # a ControlNet loaded with /load-controlnet/ can be replaced under the same name
-    names = [model, *(lora.name for lora in request.loras), *([controlnet] if controlnet else [])]
+    refiner = [request.refiner] if request.refiner else []
+    names = [model, *(lora.name for lora in request.loras), *([controlnet] if controlnet else []), *refiner]
     identity = {
         "parameters": request_parameters(request),
         "model": model,

@@ -6,7 +6,7 @@ and writes it safely, and the builtin models a `demo:NAME` source builds offline
     builtins.py   demo:tiny, demo:sd15, demo:controlnet-tiny, ... built into the cache folder from code
 """
 
-from models.registry.entries import BASE_KINDS, ModelKind, RegistryEntry
+from models.registry.entries import BASE_KINDS, FAMILY_NAMES, FamilyName, ModelKind, RegistryEntry
 from models.registry.registry import Registry
 
-__all__ = ["BASE_KINDS", "ModelKind", "Registry", "RegistryEntry"]
+__all__ = ["BASE_KINDS", "FAMILY_NAMES", "FamilyName", "ModelKind", "Registry", "RegistryEntry"]
