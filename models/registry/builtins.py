@@ -121,6 +121,9 @@ def build_sd15_preset() -> StableDiffusionPipeline:
 _SDXL_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1,
                    "timestep_spacing": "leading"}
 _TIME_EMBED = 8  # the size-conditioning embedding of the tiny SDXL UNets (256 in SDXL)
+# The second text encoder is wider than the first, as in SDXL (1280 vs 768): single-file loading tells them apart
+# by width.
+_SDXL_ENCODER_2_WIDTH = 48
 
 
 def _tiny_sdxl_unet(cross_attention_dim: int, time_ids: int, pooled_dim: int) -> UNet2DConditionModel:
@@ -146,13 +149,14 @@ def _tiny_sdxl_unet(cross_attention_dim: int, time_ids: int, pooled_dim: int) ->
 
 
 def build_sdxl_tiny() -> StableDiffusionXLPipeline:
-    """Tiny SDXL: two CLIP text encoders (the second with a projection, whose pooled output conditions the UNet),
-    the UNet's cross-attention over both encoders' hidden states, six size/crop time ids."""
+    """Tiny SDXL: two CLIP text encoders of different widths like SDXL's (the second with a projection, whose pooled
+    output conditions the UNet), the UNet's cross-attention over both encoders' hidden states, six size/crop time
+    ids."""
     torch.manual_seed(0)
     tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer()
     text_encoder = tiny_clip_text_encoder(len(tokenizer))
-    text_encoder_2 = tiny_clip_text_encoder_with_projection(len(tokenizer_2))
-    unet = _tiny_sdxl_unet(cross_attention_dim=64, time_ids=6, pooled_dim=32)
+    text_encoder_2 = tiny_clip_text_encoder_with_projection(len(tokenizer_2), hidden_size=_SDXL_ENCODER_2_WIDTH)
+    unet = _tiny_sdxl_unet(cross_attention_dim=32 + _SDXL_ENCODER_2_WIDTH, time_ids=6, pooled_dim=32)
     return StableDiffusionXLPipeline(
         vae=pass_through_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=tokenizer_2, unet=unet, scheduler=EulerDiscreteScheduler(**_SDXL_SCHEDULER),
@@ -165,8 +169,8 @@ def build_sdxl_refiner_tiny() -> StableDiffusionXLImg2ImgPipeline:
     target size among its five time ids. It runs the last steps of an SDXL base's denoising, or img2img alone."""
     torch.manual_seed(1)
     tokenizer_2 = clip_tokenizer()
-    text_encoder_2 = tiny_clip_text_encoder_with_projection(len(tokenizer_2))
-    unet = _tiny_sdxl_unet(cross_attention_dim=32, time_ids=5, pooled_dim=32)
+    text_encoder_2 = tiny_clip_text_encoder_with_projection(len(tokenizer_2), hidden_size=_SDXL_ENCODER_2_WIDTH)
+    unet = _tiny_sdxl_unet(cross_attention_dim=_SDXL_ENCODER_2_WIDTH, time_ids=5, pooled_dim=32)
     return StableDiffusionXLImg2ImgPipeline(
         vae=pass_through_vae(), text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None,
         tokenizer_2=tokenizer_2, unet=unet, scheduler=EulerDiscreteScheduler(**_SDXL_SCHEDULER),
@@ -336,6 +340,7 @@ CONTROLNET_BUILDERS: dict[str, Callable[[], ControlNetModel]] = {
     "controlnet-tiny": build_demo_controlnet,
     "sdxl-controlnet-tiny": build_sdxl_controlnet_tiny,
 }
+CONTROLNET_FAMILIES: dict[str, FamilyName] = {"controlnet-tiny": "sd", "sdxl-controlnet-tiny": "sdxl"}
 
 
 def builtin_names() -> list[str]:
