@@ -21,9 +21,11 @@ class Txt2ImgRequest(BaseModel):
     prompt: str = ""
     negative_prompt: str | None = None
     steps: int = 20
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
+    # None: the model family's own (7 for SD 1.x, 1024x1024 and 5 for SDXL, ...), chosen by the engine.
+    cfg_scale: float | None = None
+    distilled_cfg_scale: float | None = None  # Forge's name for FLUX's guidance
+    width: int | None = None
+    height: int | None = None
     seed: int = -1
     batch_size: int = Field(1, ge=1)
     n_iter: int = Field(1, ge=1)
@@ -31,6 +33,8 @@ class Txt2ImgRequest(BaseModel):
     sampler_index: str | None = None
     scheduler: str | None = None
     override_settings: dict[str, Any] = Field(default_factory=dict)
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -75,6 +79,9 @@ def _native_fields(body: Txt2ImgRequest, entries: dict[str, RegistryEntry]) -> d
         "number_of_images": body.batch_size * body.n_iter,
         "scheduler": sampler_to_scheduler(body.sampler_name or body.sampler_index, body.scheduler),
         "model": resolve_model_alias(entries, body.override_settings.get("sd_model_checkpoint")),
+        "guidance": body.distilled_cfg_scale,
+        "refiner": resolve_model_alias(entries, body.refiner_checkpoint),
+        "refiner_switch_at": body.refiner_switch_at if body.refiner_checkpoint else None,
     }
 
 
@@ -97,7 +104,7 @@ async def generation_answer(body: Txt2ImgRequest, job: JobSnapshot) -> Generatio
 def sd_models(entries: dict[str, RegistryEntry]) -> list[dict[str, Any]]:
     return [
         {"title": name, "model_name": name, "hash": (entry.sha256 or "")[:10] or None, "sha256": entry.sha256,
-         "filename": entry.source, "config": None}
+         "filename": entry.source, "config": None, "family": entry.family}
         for name, entry in sorted(entries.items()) if entry.kind in BASE_KINDS
     ]
 
