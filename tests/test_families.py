@@ -14,11 +14,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import safetensors.torch
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from api.app import create_app
 from models.engine.families import native_size
+from models.families import family_of_checkpoint_keys
 from models.registry import builtins
 from models.settings import Settings
 from tests.checkpoints import sdxl_single_file
@@ -356,3 +359,29 @@ def test_compatibility_routes_use_the_model_family_defaults(client):
                                                   "distilled_cfg_scale": 2.0,
                                                   "override_settings": {"sd_model_checkpoint": "flux-tiny"}}).json()
     assert json.loads(flux["info"])["cfg_scale"] == 2.0
+
+
+# -- telling a family from a checkpoint's tensor names --------------------------------------------------------------
+@pytest.mark.parametrize(("keys", "family"), [
+    ({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight", "vae.x"}, "flux"),
+    ({"double_blocks.0.img_attn.norm.key_norm.scale"}, "flux"),
+    ({"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias"}, "sd3"),
+    ({"model.diffusion_model.input_blocks.0.0.weight", "conditioner.embedders.1.model.positional_embedding",
+      "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight"}, "sdxl"),
+    ({"model.diffusion_model.input_blocks.0.0.weight", "conditioner.embedders.0.model.text_projection"},
+     "sdxl-refiner"),
+    ({"model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.transformer.text_model.x"}, "sd"),
+    ({"lora_unet_down_blocks_0.lora_down.weight"}, None),
+])
+def test_single_file_families_are_told_by_their_tensor_names(keys, family):
+    assert family_of_checkpoint_keys(keys) == family
+
+
+def test_a_single_file_of_no_known_family_asks_for_the_family_field(client, folder):
+    odd = folder / "checkpoints" / "odd.safetensors"
+    odd.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file({"some.weight": torch.zeros(2)}, odd)
+    assert client.post("/models", json={"name": "odd", "source": str(odd)}).json()["family"] is None
+    answer = client.post("/text2img", json=FAST | {"model": "odd"})
+    assert answer.status_code == 503 and "family" in answer.json()["detail"]
+    assert client.delete("/models/odd").status_code == 204

@@ -180,7 +180,7 @@ def build_sdxl_refiner_tiny() -> StableDiffusionXLImg2ImgPipeline:
 
 def build_sdxl_preset() -> StableDiffusionXLPipeline:
     """SDXL base's real architecture (UNet 2.6B, CLIP ViT-L and OpenCLIP bigG text encoders, VAE) with random
-    weights: about 14 GB in float32."""
+    weights: about 13.5 GB in float32."""
     torch.manual_seed(0)
     tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer()
     vocab = len(tokenizer)
@@ -240,7 +240,7 @@ def build_sd3_tiny() -> StableDiffusion3Pipeline:
 
 def build_sd3_medium_preset() -> StableDiffusion3Pipeline:
     """SD 3 Medium's transformer (2B), CLIP-L and CLIP-G encoders and VAE with random weights, without the T5-XXL
-    encoder (4.7B, optional in SD 3: its embedding is then zeros), so it fits 24 GB: about 10 GB in float32."""
+    encoder (4.7B, optional in SD 3: its embedding is then zeros), so it fits 24 GB: about 11 GB in float32."""
     torch.manual_seed(0)
     tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer()
     vocab = len(tokenizer)
