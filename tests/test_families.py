@@ -27,7 +27,7 @@ from models.settings import Settings
 from tests.checkpoints import sdxl_single_file
 from tests.conftest import wait_ready
 from tests.family_loras import family_lora, save_diffusers, save_kohya_flux, save_kohya_sdxl
-from tests.utils import from_b64, gradient_image, half_mask, parse_sse, pixels, to_b64, wait_for
+from tests.utils import StepGate, from_b64, gradient_image, half_mask, parse_sse, pixels, to_b64, wait_for
 
 FAMILY_OF = {"sdxl-tiny": "sdxl", "sd3-tiny": "sd3", "flux-tiny": "flux"}
 DEFAULT_GUIDANCE = {"sdxl-tiny": 5.0, "sd3-tiny": 7.0, "flux-tiny": 3.5}
@@ -385,3 +385,25 @@ def test_a_single_file_of_no_known_family_asks_for_the_family_field(client, fold
     answer = client.post("/text2img", json=FAST | {"model": "odd"})
     assert answer.status_code == 503 and "family" in answer.json()["detail"]
     assert client.delete("/models/odd").status_code == 204
+
+
+# -- micro-batching -------------------------------------------------------------------------------------------------
+def test_flux_requests_waiting_together_share_a_call_and_family_arguments_run_alone(folder, model_cache):
+    body = {"task": "text2img", "model": "flux-tiny", "steps": 3, "width": 64, "height": 64}
+    settings = family_settings(folder / "batching", model_cache, result_cache_size=0, preload_default_model=False)
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        gate = StepGate(client, "hold the worker")
+        client.post("/jobs", json=body | {"prompt": "hold the worker", "seed": 9})
+        gate.wait_reached()
+        bodies = [body | {"prompt": "a red fox", "seed": 1}, body | {"prompt": "a blue cat", "seed": 2},
+                  body | {"prompt": "a blue cat", "seed": 3, "prompt_2": "for T5 only"}]
+        ids = [client.post("/jobs", json=each).json()["id"] for each in bodies]
+        gate.open()
+        results = [wait_for(lambda job_id=job_id: (state := client.get(f"/jobs/{job_id}").json())["result"]
+                            and state["result"]) for job_id in ids]
+        assert [result["timings"].get("batch_images") for result in results] == [2, 2, None]
+        assert results[2]["parameters"]["family_arguments"] == {"prompt_2": "for T5 only"}
+        alone = client.post("/text2img", json={key: value for key, value in bodies[1].items() if key != "task"})
+    difference = np.abs(first_image(results[1]) - first_image(alone.json()))
+    assert difference.max() <= 2 and (difference > 0).mean() < 0.02  # float rounding of another batch size only
