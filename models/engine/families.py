@@ -9,7 +9,7 @@ from typing import Any
 from diffusers import DiffusionPipeline
 
 from models.engine.schedulers import scheduler_problem
-from models.errors import InvalidRequest
+from models.errors import InvalidRequest, ModelUnavailable
 from models.families import DEFAULT_REFINER_SWITCH, FAMILIES, Family, family_named, family_of_model_index
 from models.types import GenerationRequest
 
@@ -28,7 +28,7 @@ def family_of_pipeline(pipeline: DiffusionPipeline, given: str | None = None) ->
     name = family_of_model_index(index)
     if name is None:
         known = ", ".join(sorted({cls for family in FAMILIES.values() for cls in family.pipeline_classes}))
-        raise InvalidRequest(f"{type(pipeline).__name__} is not a pipeline this server serves; it serves {known}")
+        raise ModelUnavailable(f"{type(pipeline).__name__} is not a pipeline this server serves; it serves {known}")
     return family_named(name)
 
 
