@@ -67,6 +67,16 @@ class Family:
             value = getattr(request, side)
             if value is not None and value % self.size_multiple:
                 problems.append(f"{side} {value} is not a multiple of {self.size_multiple}, which {shown} needs")
+        hires = request.hires
+        if hires is not None:
+            if hires.width % self.size_multiple or hires.height % self.size_multiple:
+                problems.append(f"hires size {hires.width}x{hires.height} is not a multiple of {self.size_multiple}, "
+                                f"which {shown} needs")
+            if self.packed_latents and hires.upscaler.startswith("latent"):
+                problems.append(f"hires upscaler {hires.upscaler!r}: {shown} packs its latents into tokens, which "
+                                "latent upscalers cannot resize; use lanczos or nearest")
+            if request.refiner is not None:
+                problems.append("refiner and hires cannot be combined: send one of them")
         if request.refiner_switch_at is not None and request.refiner is None:
             problems.append("refiner_switch_at needs a refiner (the registry name of an SDXL refiner)")
         if request.refiner is not None and request.controlnet is not None:

@@ -339,7 +339,8 @@ def test_sdxl_takes_its_controlnet_and_refuses_one_of_another_architecture(clien
         plain = generate(client, route, model="sdxl-tiny", **extra)
         steered = generate(client, route, model="sdxl-tiny", controlnet=control, **extra)
         assert differ(plain, steered) > 0.5, route
-        assert steered["parameters"]["controlnet"] == {"name": "sdxl-controlnet-tiny", "scale": 1.0}
+        assert (steered["parameters"]["controlnet"]["name"], steered["parameters"]["controlnet"]["scale"]) == (
+            "sdxl-controlnet-tiny", 1.0)
     assert "does not fit" in refused(client, model="demo", controlnet=control)
     assert "does not fit" in refused(client, model="sdxl-tiny", controlnet=control | {"name": "demo-controlnet"})
     assert "ControlNets" in refused(client, model="flux-tiny", controlnet=control)
@@ -407,3 +408,14 @@ def test_flux_requests_waiting_together_share_a_call_and_family_arguments_run_al
         alone = client.post("/text2img", json={key: value for key, value in bodies[1].items() if key != "task"})
     difference = np.abs(first_image(results[1]) - first_image(alone.json()))
     assert difference.max() <= 2 and (difference > 0).mean() < 0.02  # float rounding of another batch size only
+
+
+def test_hires_fix_runs_on_each_family_and_refuses_latent_upscaling_of_packed_latents(client):
+    for model, upscaler in (("sdxl-tiny", "latent"), ("sd3-tiny", "latent"), ("flux-tiny", "lanczos")):
+        answer = generate(client, model=model, hires={"width": 128, "height": 96, "upscaler": upscaler})
+        assert from_b64(answer["images"][0]).size == (128, 96), model
+    detail = refused(client, model="flux-tiny", hires={"width": 128, "height": 128})
+    assert "latent" in detail and "FLUX" in detail and "lanczos" in detail
+    assert "multiple of 16" in refused(client, model="sd3-tiny", hires={"width": 136, "height": 128})
+    assert "refiner and hires" in refused(client, model="sdxl-tiny", refiner="sdxl-refiner-tiny",
+                                          hires={"width": 128, "height": 128})

@@ -79,17 +79,19 @@ class PipelineCache:
         return list(self._models.values())
 
     def get(
-        self, name: str, task: str, controlnet: str | None = None, keep: tuple[str, ...] = ()
+        self, name: str, task: str, controlnets: tuple[str, ...] = (), keep: tuple[str, ...] = ()
     ) -> tuple[DiffusionPipeline, LoadedModel]:
-        """The pipeline for `task` on base `name`, loading the base or deriving the task pipeline once; with a
-        `controlnet` name, the ControlNet variant of that pipeline on the same components. Loading never unloads
-        the models named in `keep` (the base of a job whose refiner this is)."""
+        """The pipeline for `task` on base `name`, loading the base or deriving the task pipeline once; with
+        ControlNet names, the ControlNet variant of that pipeline on the same components (several: diffusers'
+        multi-ControlNet). Loading never unloads the models named in `keep` (the base of a job whose refiner this
+        is)."""
         model = self.load(name, keep)
         if task not in model.family.tasks:
             raise InvalidRequest(f"model {name!r} ({model.family.label}) does not do {task}; it does "
                                  + ", ".join(model.family.tasks))
-        if controlnet is not None:
-            return self.controlnets.pipeline_for(model.base, name, task, controlnet), model
+        self.controlnets.applied[name] = controlnets
+        if controlnets:
+            return self.controlnets.pipeline_for(model.base, name, task, controlnets), model
         if task not in model.pipelines:
             model.pipelines[task] = self._derive(model, task)
         return model.pipelines[task], model
@@ -169,6 +171,7 @@ class PipelineCache:
                 loaded_at=model.loaded_at,
                 loras=tuple(model.loras.loaded()),
                 applied_loras=tuple(model.loras.applied()),
+                applied_controlnets=self.controlnets.applied.get(model.name, ()),
             )
             for model in reversed(self.loaded())
         ]
