@@ -220,7 +220,7 @@ def _result(job: _FakeJob) -> GenerationResult:
     return GenerationResult(
         images=[Image.new("RGB", (width, height), (seed % 256,) * 3) for seed in seeds], seeds=seeds,
         model=job.snapshot.model, prompt=request.prompt, negative_prompt=request.negative_prompt, width=width,
-        height=height, steps=request.steps, guidance_scale=request.guidance_scale, strength=request.strength,
+        height=height, steps=request.steps, guidance_scale=request.guidance_scale or 7.0, strength=request.strength,
         scheduler=request.scheduler or "FakeScheduler", scheduler_name=request.scheduler, hires=request.hires,
         first_pass_size=(request.width or 64, request.height or 64) if request.hires else None,
         stopped_at_step=1 if job.stopped_early else None,

@@ -61,9 +61,11 @@ class Txt2ImgRequest(BaseModel):
     prompt: str = ""
     negative_prompt: str | None = None
     steps: int = 20
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
+    # None: the model family's own (7 for SD 1.x, 1024x1024 and 5 for SDXL, ...), chosen by the engine.
+    cfg_scale: float | None = None
+    distilled_cfg_scale: float | None = None  # Forge's name for FLUX's guidance
+    width: int | None = None
+    height: int | None = None
     seed: int = -1
     batch_size: int = Field(1, ge=1)
     n_iter: int = Field(1, ge=1, le=100)
@@ -72,6 +74,8 @@ class Txt2ImgRequest(BaseModel):
     scheduler: str | None = None
     override_settings: dict[str, Any] = Field(default_factory=dict)
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    refiner_checkpoint: str | None = None  # SDXL refiner
+    refiner_switch_at: float | None = None
     # Hires fix (txt2img).
     enable_hr: bool = False
     hr_scale: float = 2.0
@@ -132,6 +136,9 @@ class ControlNetDetectBody(BaseModel):
 
 # -- translate in ---------------------------------------------------------------------------------------------------
 def txt2img_body(body: Txt2ImgRequest, entries: dict[str, RegistryEntry], state: A1111State) -> GenerationBody:
+    if body.enable_hr:
+        # The hires size scales the first pass's, which must be known here: A1111's own default, 512.
+        body = body.model_copy(update={"width": body.width or 512, "height": body.height or 512})
     fields = _native_fields(body, entries, state) | {"controlnet": controlnet_units(body, entries, None) or None}
     if body.enable_hr:
         fields["hires"] = hires_fields(body)
@@ -167,6 +174,9 @@ def _native_fields(body: Txt2ImgRequest, entries: dict[str, RegistryEntry], stat
         "number_of_images": body.batch_size * body.n_iter,
         "scheduler": sampler_to_scheduler(body.sampler_name or body.sampler_index, body.scheduler),
         "model": resolve_checkpoint(entries, checkpoint) if checkpoint else state.checkpoint,
+        "guidance": body.distilled_cfg_scale,
+        "refiner": resolve_checkpoint(entries, body.refiner_checkpoint) if body.refiner_checkpoint else None,
+        "refiner_switch_at": body.refiner_switch_at if body.refiner_checkpoint else None,
     }
 
 
@@ -341,7 +351,7 @@ def encode_jobs(jobs: list[JobSnapshot]) -> list[str]:
 def sd_models(entries: dict[str, RegistryEntry]) -> list[dict[str, Any]]:
     return [
         {"title": a1111_title(name, entry), "model_name": name, "hash": (entry.sha256 or "")[:10] or None,
-         "sha256": entry.sha256, "filename": entry.source, "config": None}
+         "sha256": entry.sha256, "filename": entry.source, "config": None, "family": entry.family}
         for name, entry in sorted(entries.items()) if entry.kind in BASE_KINDS
     ]
 
