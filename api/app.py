@@ -18,6 +18,7 @@ from api.routes import (
     compat_a1111,
     compat_openai,
     compat_seeds,
+    datasets,
     generation,
     images,
     jobs,
@@ -83,6 +84,7 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
     app.include_router(compat_a1111.controlnet_router)
     app.include_router(observability.router)
     app.include_router(training.router)
+    app.include_router(datasets.router)
     mount_page(app)
     # Added last = outermost: the request id is set before metrics and everything else run.
     app.add_middleware(MetricsMiddleware)

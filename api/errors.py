@@ -13,7 +13,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.errors import (
     AdapterNotFound,
+    Conflict,
     ControlNetNotFound,
+    DatasetNotFound,
     ImageNotFound,
     InvalidRequest,
     JobCancelled,
@@ -23,6 +25,7 @@ from models.errors import (
     ModelUnavailable,
     NotReady,
     PathNotAllowed,
+    PayloadTooLarge,
     QueueFull,
     RegistryError,
     SdserveError,
@@ -46,6 +49,9 @@ STATUS_BY_ERROR: dict[type[SdserveError], int] = {
     JobFinished: 409,
     TrainingRunNotFound: 404,
     ControlNetNotFound: 404,
+    Conflict: 409,
+    DatasetNotFound: 404,
+    PayloadTooLarge: 413,
 }
 
 

@@ -124,6 +124,14 @@ class Settings(BaseSettings):
     training_stop_timeout_s: float = Field(
         60.0, gt=0, description="How long a cancelled run may take to checkpoint before it is killed."
     )
+    # -- datasets uploaded through the API (POST /datasets/{name}) --
+    dataset_max_bytes: int = Field(
+        2**30, ge=1, description="Largest dataset an upload may unpack to, in bytes (all files together)."
+    )
+    dataset_max_files: int = Field(10_000, ge=1, description="Most files one uploaded dataset may hold.")
+    dataset_max_image_pixels: int = Field(
+        64 * 2**20, ge=1, description="Largest image (width x height) an uploaded dataset may hold."
+    )
 
     @field_validator("max_width", "max_height")
     @classmethod

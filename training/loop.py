@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import signal
 import time
@@ -54,6 +53,7 @@ from models.registry import Registry
 from models.settings import Settings, get_settings
 from training import adapters
 from training.base_model import BaseChoice, load_base, make_renderer, resolve_base, weights_sha256
+from training.checkpoints import STATE_FILE, latest_checkpoint, list_checkpoints
 from training.conditioning import TextConditioning
 from training.config import TrainingOptions
 from training.data import (
@@ -72,8 +72,6 @@ from training.registration import check_registration, register_weights
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-STATE_FILE = "training_state.json"
 FORMAT_VERSION = "1"
 
 
@@ -670,24 +668,7 @@ def _adamw(eight_bit: bool) -> type[torch.optim.Optimizer]:
     return bitsandbytes.optim.AdamW8bit
 
 
-# -- checkpoints on disk ---------------------------------------------------------------------------------------------
-def list_checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints of a run folder, oldest first."""
-    if not Path(folder).is_dir():
-        return []
-    found = []
-    for path in Path(folder).iterdir():
-        match = CHECKPOINT_PATTERN.match(path.name)
-        if match and (path / STATE_FILE).is_file():
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    checkpoints = list_checkpoints(folder)
-    return checkpoints[-1] if checkpoints else None
-
-
+# -- checkpoints on disk (found by training/checkpoints.py) ---------------------------------------------------------
 def _read_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
 
