@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
 
 from models.errors import (
     AdapterNotFound,
@@ -16,12 +19,14 @@ from models.errors import (
     JobCancelled,
     JobFinished,
     JobNotFound,
+    ModelInUse,
     ModelNotFound,
     ModelUnavailable,
     NotReady,
     PathNotAllowed,
     QueueFull,
     RegistryError,
+    RegistryUnavailable,
     SdserveError,
     TrainingRunNotFound,
 )
@@ -31,6 +36,8 @@ logger = logging.getLogger(__name__)
 STATUS_BY_ERROR: dict[type[SdserveError], int] = {
     InvalidRequest: 422,
     RegistryError: 422,
+    RegistryUnavailable: 503,
+    ModelInUse: 409,
     ModelNotFound: 404,
     AdapterNotFound: 404,
     PathNotAllowed: 403,
@@ -43,6 +50,56 @@ STATUS_BY_ERROR: dict[type[SdserveError], int] = {
     JobFinished: 409,
     TrainingRunNotFound: 404,
     ControlNetNotFound: 404,
+}
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: one sentence a person can act on."""
+
+    detail: str = Field(description="What went wrong and what to do about it.")
+
+
+class ValidationProblem(BaseModel):
+    loc: list[str | int] = Field(description="Where: body, query or path, then the field.")
+    msg: str
+    type: str
+
+
+class ValidationErrorBody(ErrorBody):
+    """A 422: `detail` names each field and why (as one string); `errors` lists them for programs."""
+
+    errors: list[ValidationProblem] = Field(default_factory=list)
+
+
+class ModelNotFoundBody(ErrorBody):
+    known_models: list[str] | None = Field(None, description="With an unknown model: the registered ones.")
+
+
+def _error(description: str, model: type[BaseModel] = ErrorBody, headers: dict[str, Any] | None = None) -> dict:
+    answer: dict[str, Any] = {"description": description, "model": model}
+    if headers:
+        answer["headers"] = headers
+    return answer
+
+
+# The statuses any route may answer besides its own success, declared once for every router (create_app), so
+# that clients generated from /openapi.json know every shape they can get.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _error("The Host header names a host this server does not answer to (SDSERVE_ALLOWED_HOSTS)."),
+    401: _error("An API key is needed (Authorization: Bearer KEY, X-API-Key: KEY or basic auth).",
+                headers={"WWW-Authenticate": {"schema": {"type": "string"}}}),
+    403: _error("Not allowed: an admin key is needed, another key's job, a cross-site request, or a path outside "
+                "the allowed folders."),
+    404: _error("Not found: unknown model (with `known_models`), job, image, LoRA, ControlNet or run.",
+                ModelNotFoundBody),
+    409: _error("Conflicts with the current state: the job is over, the model is the default one."),
+    413: _error("The request body is larger than SDSERVE_MAX_BODY_BYTES."),
+    422: _error("Invalid input; `detail` says which field and why.", ValidationErrorBody),
+    429: _error("The queue is full; retry after Retry-After seconds.",
+                headers={"Retry-After": {"schema": {"type": "integer"}}}),
+    500: _error("An unexpected error, logged with the request id (X-Request-ID)."),
+    503: _error("Not available now: the model is loading or cannot be loaded here, the registry file is broken, "
+                "or the server is shutting down."),
 }
 
 
@@ -86,6 +143,13 @@ async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     return JSONResponse({"detail": "; ".join(problems), "errors": errors}, status_code=422)
 
 
+async def _http_error(request: Request, error: Exception) -> JSONResponse:
+    """Starlette's and FastAPI's own errors (401, 403, 404 of unknown paths, 405, 413) in the same shape."""
+    assert isinstance(error, HTTPException)
+    detail = error.detail if isinstance(error.detail, str) else str(error.detail)
+    return JSONResponse({"detail": detail}, status_code=error.status_code, headers=error.headers)
+
+
 async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return JSONResponse({"detail": "internal server error; see the server log"}, status_code=500)
@@ -94,4 +158,5 @@ async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
 def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(SdserveError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from api.compat.shared import A1111_SAMPLERS, build_body, resolve_model_alias, sampler_to_scheduler, split_lora_tags
-from api.images import Base64Image, encode_images
+from api.images import Base64Image, Base64ImageList, encode_images
 from api.schemas import GenerationBody, Img2ImgBody, InpaintingBody, Text2ImgBody
 from models.registry import BASE_KINDS, RegistryEntry
 from models.types import JobSnapshot
@@ -34,7 +35,7 @@ class Txt2ImgRequest(BaseModel):
 
 
 class Img2ImgRequest(Txt2ImgRequest):
-    init_images: list[Base64Image] = Field(min_length=1)
+    init_images: Base64ImageList = Field(min_length=1)
     mask: Base64Image | None = None
     denoising_strength: float = 0.75
     inpainting_mask_invert: int = 0
@@ -74,8 +75,16 @@ def _native_fields(body: Txt2ImgRequest, entries: dict[str, RegistryEntry]) -> d
         "seed": body.seed,
         "number_of_images": body.batch_size * body.n_iter,
         "scheduler": sampler_to_scheduler(body.sampler_name or body.sampler_index, body.scheduler),
-        "model": resolve_model_alias(entries, body.override_settings.get("sd_model_checkpoint")),
+        "model": resolve_model_alias(entries, _checkpoint(body.override_settings)),
     }
+
+
+def _checkpoint(override_settings: dict[str, Any]) -> str | None:
+    checkpoint = override_settings.get("sd_model_checkpoint")
+    if checkpoint is not None and not isinstance(checkpoint, str):
+        raise RequestValidationError([{"loc": ("override_settings", "sd_model_checkpoint"), "type": "string_type",
+                                       "msg": "must be a model name (a string)"}])
+    return checkpoint
 
 
 # -- translate out --------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from api.compat import a1111
 from api.compat.a1111 import GenerationAnswer, Img2ImgRequest, Txt2ImgRequest
 from api.deps import EngineDep, SettingsDep
+from api.security import check_may_cancel
 from api.serving import cancel_on_disconnect, generate
 from models.errors import JobFinished
 
@@ -58,9 +59,10 @@ async def progress(engine: EngineDep) -> dict[str, Any]:
 
 
 @router.post("/interrupt")
-async def interrupt(engine: EngineDep) -> dict[str, Any]:
+async def interrupt(request: Request, engine: EngineDep) -> dict[str, Any]:
     job = await engine.current_job()
     if job is not None:
+        check_may_cancel(request, job)  # with API keys: the caller's own job, or an admin key
         with contextlib.suppress(JobFinished):  # it finished on its own meanwhile
             await engine.cancel(job.id)
     return {"interrupted": job.id if job else None}
