@@ -327,10 +327,11 @@ async def _authorize(request: Request) -> Principal:
     return principal
 
 
-def authorize(settings: Settings) -> list[Any]:
+def authorize(settings: Settings, public: bool = False) -> list[Any]:
     """The dependencies every router is included with. With keys configured they also declare the security
-    schemes (any one of them will do), so the OpenAPI schema tells clients to send a key."""
-    documented = [Security(scheme) for scheme in _SCHEMES] if settings.auth_enabled else []
+    schemes (any one of them will do), so the OpenAPI schema tells clients to send a key; not for a `public`
+    router (/health)."""
+    documented = [Security(scheme) for scheme in _SCHEMES] if settings.auth_enabled and not public else []
     return [Depends(_authorize), *documented]
 
 
