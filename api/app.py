@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from api.errors import ERROR_RESPONSES, register_error_handlers
-from api.limits import InputBudgetMiddleware
+from api.limits import LimitsMiddleware
 from api.observability import MetricsMiddleware, RequestIdMiddleware
 from api.routes import (
     compat_a1111,
@@ -63,8 +63,6 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
         version="0.1.0",
         description="Stable Diffusion inference with a model registry. Images are base64 in JSON.",
         lifespan=lifespan,
-        # A bigger body is a 413 before it is read whole (from its Content-Length, or as it streams in).
-        max_body_size=settings.max_body_bytes,
     )
     register_error_handlers(app)
     # Every router: a key when keys are configured, an admin key for what changes the server (api/security.py),
@@ -76,8 +74,8 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
         app.include_router(router, dependencies=access, responses=ERROR_RESPONSES)
     mount_page(app)
     # Added first = innermost. From the outside in: the request id, metrics, CORS answers (only for configured
-    # origins), Host / cross-site / key checks, then the input images' budget.
-    app.add_middleware(InputBudgetMiddleware, settings=settings)
+    # origins), Host / cross-site / key checks, then the body limit and the input images' budget.
+    app.add_middleware(LimitsMiddleware, settings=settings)
     app.add_middleware(SecurityMiddleware, settings=settings)
     if settings.allowed_origins:
         app.add_middleware(

@@ -11,7 +11,6 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from api.limits import body_too_large
 from models.errors import (
     AdapterNotFound,
     ControlNetNotFound,
@@ -148,8 +147,6 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
     """Starlette's and FastAPI's own errors (401, 403, 404 of unknown paths, 405, 413) in the same shape."""
     assert isinstance(error, HTTPException)
     detail = error.detail if isinstance(error.detail, str) else str(error.detail)
-    if error.status_code == 413:
-        detail = body_too_large(request.app.state.settings)
     return JSONResponse({"detail": detail}, status_code=error.status_code, headers=error.headers)
 
 

@@ -1,8 +1,9 @@
-"""Bounds on what the input images of one request may make the server hold.
+"""Bounds on what one request may make the server hold: its body, and the pixels and images it decodes.
 
-The body itself is bounded by FastAPI's own `max_body_size` (create_app sets it from SDSERVE_MAX_BODY_BYTES: a
-413 from the Content-Length, or while a streamed body arrives, before it has been read whole). Here,
-`InputBudgetMiddleware` (pure ASGI) gives each request a fresh `InputBudget`, which the image decoder
+`LimitsMiddleware` (pure ASGI) answers 413 as soon as a body is known to be too big: at once from its
+Content-Length, or while a streamed (chunked) body arrives, before it has been read whole. (Starlette's own body
+limit answers a declared Content-Length in plain text, outside the request id and the error shape; this one
+answers like every other error.) It also gives each request a fresh `InputBudget`, which the image decoder
 (api/images.py) charges with every image's pixel count, read from the image's header before its pixels are
 decoded, and which image lists check their length against before any of their images is decoded.
 """
@@ -12,7 +13,10 @@ from __future__ import annotations
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models.settings import Settings
 
@@ -51,9 +55,15 @@ def current_budget() -> InputBudget:
     return budget
 
 
-class InputBudgetMiddleware:
+class BodyTooLarge(HTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is larger than {limit} bytes (SDSERVE_MAX_BODY_BYTES)")
+
+
+class LimitsMiddleware:
     def __init__(self, app: ASGIApp, settings: Settings):
         self.app = app
+        self.max_body = settings.max_body_bytes
         self.max_pixels = settings.max_input_pixels
         self.max_images = settings.max_input_images
 
@@ -61,12 +71,38 @@ class InputBudgetMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            await _too_large(self.max_body)(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise BodyTooLarge(self.max_body)
+            return message
+
+        async def watching_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         token = budget_var.set(InputBudget(self.max_pixels, self.max_images))
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, counting_receive, watching_send)
+        except BodyTooLarge:
+            # Raised where the app reads the body; the routes' own handlers usually answer it, this is the rest.
+            if started:
+                raise
+            await _too_large(self.max_body)(scope, receive, send)
         finally:
             budget_var.reset(token)
 
 
-def body_too_large(settings: Settings) -> str:
-    return f"the request body is larger than {settings.max_body_bytes} bytes (SDSERVE_MAX_BODY_BYTES)"
+def _too_large(limit: int) -> ASGIApp:
+    return JSONResponse({"detail": BodyTooLarge(limit).detail}, status_code=413, headers={"Connection": "close"})

@@ -258,7 +258,7 @@ class SecurityMiddleware:
 
     def _warn_if_reached_from_outside(self, scope: Scope) -> None:
         client = scope.get("client")
-        if self._warned_open or not client or is_loopback(str(client[0])):
+        if self._warned_open or not client or not _is_ip(str(client[0])) or is_loopback(str(client[0])):
             return
         self._warned_open = True
         logger.warning("a request came from %s and no API key is configured: anyone who can reach this port "
