@@ -75,8 +75,15 @@ class ModelNotFoundBody(ErrorBody):
     known_models: list[str] | None = Field(None, description="With an unknown model: the registered ones.")
 
 
+ERROR_MODELS = (ErrorBody, ValidationErrorBody, ModelNotFoundBody)
+
+
 def _error(description: str, model: type[BaseModel] = ErrorBody, headers: dict[str, Any] | None = None) -> dict:
-    answer: dict[str, Any] = {"description": description, "model": model}
+    # Always JSON, also on routes whose success is a PNG or an event stream: a `model` would take their media type.
+    answer: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+    }
     if headers:
         answer["headers"] = headers
     return answer
@@ -101,6 +108,23 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: _error("Not available now: the model is loading or cannot be loaded here, the registry file is broken, "
                 "or the server is shutting down."),
 }
+
+
+def document_errors(app: FastAPI) -> None:
+    """Put the error bodies that ERROR_RESPONSES refers to into the OpenAPI schema's components."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in ERROR_MODELS:
+                definition = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(definition.pop("$defs", {}))
+                components[model.__name__] = definition
+        return app.openapi_schema or build()
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def status_for(error: SdserveError) -> int:
@@ -156,6 +180,7 @@ async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
 
 
 def register_error_handlers(app: FastAPI) -> None:
+    document_errors(app)
     app.add_exception_handler(SdserveError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
