@@ -37,6 +37,13 @@ class Settings(BaseSettings):
     max_steps: int = Field(150, ge=1)
     max_images: int = Field(8, ge=1, description="Images per request.")
     queue_size: int = Field(16, ge=1, description="Requests waiting for the device; more get 429.")
+    batch_max_images: int = Field(
+        8, ge=1, description="Micro-batching: images that compatible requests may share one pipeline call with; "
+        "1 turns it off."
+    )
+    batch_window_ms: float = Field(
+        20, ge=0, le=5000, description="Micro-batching: how long the worker waits for compatible requests to join."
+    )
     max_loaded_models: int = Field(2, ge=1, description="Base pipelines kept in memory (least recently used go).")
     memory_budget_gb: float | None = Field(
         None, gt=0, description="Unload least recently used bases when their weights exceed this total."

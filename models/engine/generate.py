@@ -18,7 +18,7 @@ from models.engine.schedulers import make_scheduler, scheduler_names
 from models.errors import InvalidRequest, JobCancelled
 from models.settings import Settings
 from models.tasks import TaskSpec, fit_image, task_spec
-from models.types import ControlNetUse, GenerationRequest, GenerationResult
+from models.types import ActiveLora, ControlNetUse, GenerationRequest, GenerationResult
 
 StepCallback = Callable[[int, int], None]
 LatentsCallback = Callable[[int, torch.Tensor], None]
@@ -95,6 +95,17 @@ def resolve_size(request: GenerationRequest, model: LoadedModel) -> tuple[int, i
     return request.width or native_width, request.height or native_height
 
 
+def batch_key(request: GenerationRequest, model: str) -> tuple[Any, ...] | None:
+    """Requests with equal keys can share one pipeline call (micro-batching): the same model, task, size, steps,
+    scheduler, guidance, strength and LoRAs at the same scales. Prompts, negative prompts, seeds, image counts and
+    input images may differ. None: the request runs alone (a ControlNet's conditioning image is per call)."""
+    if request.controlnet is not None:
+        return None
+    input_size = request.image.size if request.image is not None else None
+    return (model, request.task, request.width, request.height, input_size, request.steps, request.scheduler,
+            request.guidance_scale, request.strength, request.loras)
+
+
 def generate(
     pipeline: DiffusionPipeline,
     model: LoadedModel,
@@ -103,38 +114,82 @@ def generate(
     is_cancelled: Callable[[], bool],
     on_latents: LatentsCallback | None = None,
 ) -> GenerationResult:
-    """Run `request` (its seed already drawn) on `pipeline`, a pipeline of `model` for the request's task."""
-    # 1. What the request resolves to on this model.
+    """Run one request (its seed already drawn) on `pipeline`, a pipeline of `model` for the request's task."""
+    return generate_batch(pipeline, model, [request], on_step, is_cancelled, on_latents)[0]
+
+
+def generate_batch(
+    pipeline: DiffusionPipeline,
+    model: LoadedModel,
+    requests: list[GenerationRequest],
+    on_step: StepCallback,
+    is_cancelled: Callable[[], bool],
+    on_latents: LatentsCallback | None = None,
+) -> list[GenerationResult]:
+    """Run requests with one batch key in one pipeline call: one entry (prompt, generator, input image) per image,
+    so each image starts from its own seed's noise; `on_latents` gets every image's latents, in request order."""
+    # 1. What the requests resolve to on this model: the same size, scheduler and LoRAs for all (their key).
     started = time.perf_counter()
-    spec = task_spec(request.task)
-    if request.seed is None:
+    first = requests[0]
+    spec = task_spec(first.task)
+    if any(request.seed is None for request in requests):
         raise ValueError("the engine draws the seed before a request runs")
-    width, height = resolve_size(request, model)
-    seeds = [request.seed + index for index in range(request.num_images)]
-    # 2. A scheduler of its own (never one shared with an earlier run) and exactly the request's LoRAs.
-    pipeline.scheduler = make_scheduler(request.scheduler, model.scheduler_config)
-    loras = model.loras.activate(request.loras)
-    prompt = with_trigger_words(request.prompt, loras)
+    width, height = resolve_size(first, model)
+    seeds = [[request.seed + index for index in range(request.num_images)] for request in requests]  # type: ignore[operator]
+    counts = [request.num_images for request in requests]
+    # 2. A scheduler of its own (never one shared with an earlier run) and exactly the requests' LoRAs.
+    pipeline.scheduler = make_scheduler(first.scheduler, model.scheduler_config)
+    loras = model.loras.activate(first.loras)
+    prompts = [with_trigger_words(request.prompt, loras) for request in requests]
     # 3. The call: CPU generators give the same starting noise on every device, so a seed reproduces anywhere.
+    negatives = [request.negative_prompt or "" for request in requests]
     arguments: dict[str, Any] = {
-        "prompt": prompt,
-        "negative_prompt": request.negative_prompt or None,
-        "num_inference_steps": request.steps,
-        "guidance_scale": request.guidance_scale,
-        "num_images_per_prompt": request.num_images,
-        "generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+        "prompt": _per_image(prompts, counts),
+        "negative_prompt": _per_image(negatives, counts) if any(negatives) else None,
+        "num_inference_steps": first.steps,
+        "guidance_scale": first.guidance_scale,
+        "num_images_per_prompt": 1,
+        "generator": [torch.Generator("cpu").manual_seed(seed) for batch in seeds for seed in batch],
         "callback_on_step_end": _step_hook(metrics.StepMeter(model.name, on_step), is_cancelled, on_latents),
     }
-    arguments |= spec.image_arguments(request, width, height)
-    arguments |= _controlnet_arguments(spec, request, width, height)
+    per_request = [spec.image_arguments(request, width, height) for request in requests]
+    for name, value in per_request[0].items():
+        arguments[name] = _per_image([each[name] for each in per_request], counts) if name in _PER_IMAGE else value
+    if len(requests) == 1:
+        arguments |= _controlnet_arguments(spec, first, width, height)
     with torch.inference_mode():
         images = pipeline(**arguments).images
     if is_cancelled():
         raise JobCancelled("cancelled")
     # 4. Inpainting keeps the pixels outside the mask exactly: a VAE round trip would shift them slightly.
     if spec.needs_mask:
-        images = [Image.composite(generated, arguments["image"], arguments["mask_image"]) for generated in images]
+        images = [Image.composite(generated, picture, mask)
+                  for generated, picture, mask in zip(images, arguments["image"], arguments["mask_image"], strict=True)]
+    seconds = round(time.perf_counter() - started, 4)
+    results, offset = [], 0
+    for request, prompt, request_seeds in zip(requests, prompts, seeds, strict=True):
+        results.append(_result(request, model, images[offset:offset + request.num_images], request_seeds, prompt,
+                               width, height, spec.strength(request), loras, seconds, len(images)))
+        offset += request.num_images
+    return results
+
+
+# The pipeline arguments given once per image in a batch; the others are the same for every request of a batch.
+_PER_IMAGE = ("image", "mask_image")
+
+
+def _per_image(values: list[Any], counts: list[int]) -> list[Any]:
+    return [value for value, count in zip(values, counts, strict=True) for _ in range(count)]
+
+
+def _result(
+    request: GenerationRequest, model: LoadedModel, images: list[Image.Image], seeds: list[int], prompt: str,
+    width: int, height: int, strength: float | None, loras: tuple[ActiveLora, ...], seconds: float, batch_images: int,
+) -> GenerationResult:
     controlnet = request.controlnet
+    timings = {"inference_s": seconds}
+    if batch_images > len(images):
+        timings["batch_images"] = batch_images  # it shared its pipeline call with other requests
     return GenerationResult(
         images=images,
         seeds=seeds,
@@ -145,13 +200,13 @@ def generate(
         height=height,
         steps=request.steps,
         guidance_scale=request.guidance_scale,
-        strength=spec.strength(request),
+        strength=strength,
         scheduler=request.scheduler or model.scheduler_config["_class_name"],
         scheduler_name=request.scheduler,
         loras=loras,
         controlnet=ControlNetUse(controlnet.name, controlnet.scale) if controlnet else None,
         model_sha256=model.entry.sha256,
-        timings={"inference_s": round(time.perf_counter() - started, 4)},
+        timings=timings,
     )
 
 

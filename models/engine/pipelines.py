@@ -245,6 +245,10 @@ class PipelineCache:
                 pipeline.vae.enable_tiling()
         if self.device.use_xformers:
             pipeline.enable_xformers_memory_efficient_attention()
+        if self.settings.batch_max_images > 1 and getattr(pipeline, "vae", None) is not None:
+            # One image at a time through the VAE: a batched decode rounds differently, and an image should not
+            # depend on which requests shared its pipeline call.
+            pipeline.vae.enable_slicing()
         return pipeline
 
     def _derive(self, model: LoadedModel, task: str) -> DiffusionPipeline:

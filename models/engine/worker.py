@@ -1,7 +1,8 @@
 """The generation worker: the only thread that touches pipelines and the device.
 
-Requests wait in a bounded queue (a full queue refuses at once); the worker takes one job at a time,
-reports per-step progress on the job and honours cancellation between steps.
+Requests wait in a bounded queue (a full queue refuses at once); the worker takes the next job, with the
+waiting jobs that can share its pipeline call (micro-batching: same model, task, size, steps, scheduler,
+guidance, LoRAs), reports per-step progress on each job and honours each job's cancellation between steps.
 
 Every change of a job is also an event (queued, started, progress, then exactly one of done, error or
 cancelled). Listeners subscribe per job (a progress stream) or per worker (observers: the database recorder,
@@ -20,7 +21,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.engine.generate import check_request, generate
+from models.engine.generate import batch_key, check_request, generate_batch
 from models.engine.pipelines import PipelineCache
 from models.engine.previews import LatentPreviewer
 from models.errors import JobCancelled, NotReady, QueueFull, SdserveError
@@ -151,7 +152,7 @@ class GenerationWorker:
         self._condition = threading.Condition()
         self._pending: deque[Job | _Call] = deque()
         self._jobs: OrderedDict[str, Job] = OrderedDict()
-        self._current: Job | None = None
+        self._running: list[Job] = []  # the jobs of the pipeline call in progress
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="generation-worker", daemon=True)
         self._recent_seconds: deque[float] = deque(maxlen=20)
@@ -172,8 +173,8 @@ class GenerationWorker:
                 else:
                     item.future.set_exception(NotReady("the server is shutting down"))
             self._pending.clear()
-            if self._current is not None:
-                self._current.cancel_requested.set()
+            for job in self._running:
+                job.cancel_requested.set()
             self._condition.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -243,16 +244,17 @@ class GenerationWorker:
             return self._jobs.get(job_id)
 
     def queue_position(self, job: Job) -> int | None:
-        """0 for the running job, 1 for the next one, and so on; None once it has finished."""
+        """0 for a running job, 1 for the next one, and so on; None once it has finished."""
         with self._condition:
-            if job is self._current:
+            if job in self._running and not job.done:
                 return 0
             jobs = [item for item in self._pending if isinstance(item, Job)]
             return jobs.index(job) + 1 if job in jobs else None
 
     def current_job(self) -> Job | None:
+        """The first running job (several run at once when they share a batch)."""
         with self._condition:
-            return self._current
+            return next((job for job in self._running if not job.done), None)
 
     def queue_depth(self) -> int:
         with self._condition:
@@ -269,15 +271,37 @@ class GenerationWorker:
                     return
                 item = self._pending.popleft()
                 if isinstance(item, Job):
-                    self._current = item
+                    self._running = self._take_batch(item)
                     self._announce_positions()
             if isinstance(item, _Call):
                 self._run_call(item)
             else:
-                with log_context(request_id=item.request_id, job_id=item.id):
-                    self._run_job(item)
+                with log_context(request_id=item.request_id, job_id=",".join(job.id for job in self._running)):
+                    self._run_jobs(self._running)
                 with self._condition:
-                    self._current = None
+                    self._running = []
+
+    def _take_batch(self, first: Job) -> list[Job]:
+        """`first`, and the waiting jobs that can share its pipeline call (micro-batching): those already queued
+        at once, then those arriving within SDSERVE_BATCH_WINDOW_MS, up to SDSERVE_BATCH_MAX_IMAGES images.
+        Called with the condition held; waiting on it lets submitters in."""
+        key = batch_key(first.request, first.model)
+        limit = self.settings.batch_max_images
+        batch, images = [first], first.request.num_images
+        if key is None or images >= limit:
+            return batch
+        deadline = time.monotonic() + self.settings.batch_window_ms / 1000
+        while True:
+            for item in list(self._pending):
+                fits = images + item.request.num_images <= limit if isinstance(item, Job) else False
+                if fits and batch_key(item.request, item.model) == key:  # type: ignore[union-attr]
+                    self._pending.remove(item)
+                    batch.append(item)  # type: ignore[arg-type]
+                    images += item.request.num_images  # type: ignore[union-attr]
+            remaining = deadline - time.monotonic()
+            if images >= limit or remaining <= 0 or self._stopping:
+                return batch
+            self._condition.wait(remaining)
 
     def _preload(self) -> None:
         if not self.settings.preload_default_model:
@@ -301,36 +325,54 @@ class GenerationWorker:
         except BaseException as error:  # noqa: BLE001 - handed to the caller, who maps it
             call.future.set_exception(error)
 
-    def _run_job(self, job: Job) -> None:
-        job.status = JobStatus.running
-        job.started_at = time.time()
-        job.emit("started")
-        request = job.request
+    def _run_jobs(self, jobs: list[Job]) -> None:
+        """One pipeline call for jobs that share a batch key (most often just one job)."""
+        started = time.time()
+        for job in jobs:
+            job.status = JobStatus.running
+            job.started_at = started
+            job.emit("started")
+        first = jobs[0].request
         try:
-            controlnet = request.controlnet.name if request.controlnet is not None else None
-            pipeline, model = self.cache.get(job.model, request.task, controlnet=controlnet)
-            on_step, on_latents = self._progress_hooks(job, pipeline)
-            result = generate(pipeline, model, request, on_step, job.cancel_requested.is_set, on_latents=on_latents)
+            controlnet = first.controlnet.name if first.controlnet is not None else None
+            pipeline, model = self.cache.get(jobs[0].model, first.task, controlnet=controlnet)
+            on_step, on_latents = self._progress_hooks(jobs, pipeline)
+            results = generate_batch(pipeline, model, [job.request for job in jobs], on_step,
+                                     lambda: self._cancel_finished(jobs), on_latents=on_latents)
         except JobCancelled:
             if self._stopping:
-                self._finish(job, JobStatus.interrupted, error="the server is shutting down",
-                             exception=NotReady("the server is shutting down"))
+                self._end_all(jobs, JobStatus.interrupted, "the server is shutting down",
+                              NotReady("the server is shutting down"))
             else:
-                self._finish(job, JobStatus.cancelled, error="cancelled")
+                self._end_all(jobs, JobStatus.cancelled, "cancelled")
             return
         except SdserveError as error:
-            self._finish(job, JobStatus.failed, error=str(error), exception=error)
+            self._end_all(jobs, JobStatus.failed, str(error), error)
             return
         except Exception as error:
-            logger.exception("job %s failed", job.id)
-            self._finish(job, JobStatus.failed, error="internal error while generating; see the server log",
-                         exception=error)
+            logger.exception("jobs %s failed", ", ".join(job.id for job in jobs))
+            self._end_all(jobs, JobStatus.failed, "internal error while generating; see the server log", error)
             return
-        assert job.started_at is not None
-        result.timings["queued_s"] = round(job.started_at - job.created_at, 4)
-        self._recent_seconds.append(time.time() - job.started_at)
-        self._finish(job, JobStatus.succeeded, result=result)
-        logger.info("job %s done in %.2fs", job.id, result.timings["inference_s"])
+        self._recent_seconds.append((time.time() - started) / len(jobs))
+        for job, result in zip(jobs, results, strict=True):
+            if job.done:  # cancelled while its batch went on for the others
+                continue
+            result.timings["queued_s"] = round(started - job.created_at, 4)
+            self._finish(job, JobStatus.succeeded, result=result)
+            logger.info("job %s done in %.2fs", job.id, result.timings["inference_s"])
+
+    def _cancel_finished(self, jobs: list[Job]) -> bool:
+        """Between steps: end each job whose cancel was asked for at once (the others' call goes on); True when
+        none is left to run, which stops the call."""
+        for job in jobs:
+            if job.cancel_requested.is_set() and not job.done and not self._stopping:
+                self._finish(job, JobStatus.cancelled, error="cancelled")
+        return all(job.done or job.cancel_requested.is_set() for job in jobs)
+
+    def _end_all(self, jobs: list[Job], status: JobStatus, error: str, exception: BaseException | None = None) -> None:
+        for job in jobs:
+            if not job.done:
+                self._finish(job, status, error=error, exception=exception)
 
     def _finish(
         self,
@@ -361,20 +403,29 @@ class GenerationWorker:
         else:
             job.future.set_exception(exception or SdserveError(error or "failed"))
 
-    def _progress_hooks(self, job: Job, pipeline: Any) -> tuple[Callable[[int, int], None], Callable[[int, Any], None]]:
-        """Step callbacks: every step a progress event; every Nth step of a watched job, a latent preview."""
-        preview: dict[str, bytes] = {}
+    def _progress_hooks(
+        self, jobs: list[Job], pipeline: Any
+    ) -> tuple[Callable[[int, int], None], Callable[[int, Any], None]]:
+        """Step callbacks: every step a progress event for each job; every Nth step of a watched job, a preview
+        of its own first image (its rows of the batch's latents)."""
+        previews: dict[str, bytes] = {}
+        offsets = [sum(job.request.num_images for job in jobs[:index]) for index in range(len(jobs))]
 
         def on_latents(step: int, latents: Any) -> None:
             every = self.settings.preview_every
-            if every and step % every == 0 and job.watched:
-                jpeg = self._previewer.jpeg(pipeline, latents)
-                if jpeg is not None:
-                    preview["jpeg"] = jpeg
+            if not every or step % every:
+                return
+            for job, offset in zip(jobs, offsets, strict=True):
+                if job.watched and not job.done:
+                    jpeg = self._previewer.jpeg(pipeline, latents[offset:offset + job.request.num_images])
+                    if jpeg is not None:
+                        previews[job.id] = jpeg
 
         def on_step(step: int, total: int) -> None:
-            job.step, job.total_steps = step, total
-            job.emit("progress", step=step, total_steps=total, preview=preview.pop("jpeg", None))
+            for job in jobs:
+                if not job.done:
+                    job.step, job.total_steps = step, total
+                    job.emit("progress", step=step, total_steps=total, preview=previews.pop(job.id, None))
 
         return on_step, on_latents
 
