@@ -29,17 +29,13 @@ def check_request(request: GenerationRequest, settings: Settings) -> None:
     scheduler's name. The schema already checked types, ranges and multiples of 8."""
     spec = task_spec(request.task)
     problems = spec.check_inputs(request)
-    if request.width is not None and request.width > settings.max_width:
-        problems.append(f"width {request.width} is over the limit {settings.max_width} (SDSERVE_MAX_WIDTH)")
-    if request.height is not None and request.height > settings.max_height:
-        problems.append(f"height {request.height} is over the limit {settings.max_height} (SDSERVE_MAX_HEIGHT)")
+    problems += _size_problems(request, settings)
     if request.steps > settings.max_steps:
         problems.append(f"steps {request.steps} is over the limit {settings.max_steps} (SDSERVE_MAX_STEPS)")
     if request.num_images > settings.max_images:
         problems.append(
             f"number_of_images {request.num_images} is over the limit {settings.max_images} (SDSERVE_MAX_IMAGES)"
         )
-    problems += _size_problems(request, settings)
     if len(request.loras) > settings.max_loras_per_request:
         problems.append(f"{len(request.loras)} LoRAs in one request; at most {settings.max_loras_per_request} "
                         "(SDSERVE_MAX_LORAS_PER_REQUEST)")
