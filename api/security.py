@@ -141,7 +141,7 @@ def host_allowed(host: str, allowed: list[str] | None) -> bool:
     return False
 
 
-def cross_site_refusal(scope: Scope, headers: Headers, allowed_origins: list[str]) -> str | None:
+def cross_site_refusal(headers: Headers, allowed_origins: list[str]) -> str | None:
     """Why a state-changing request comes from another site (a form or script on a foreign page); None when it
     comes from this server's own page, an allowed origin, or a program (no Origin / Sec-Fetch-Site header)."""
     origin = headers.get("origin")
@@ -151,7 +151,7 @@ def cross_site_refusal(scope: Scope, headers: Headers, allowed_origins: list[str
             return None
         if origin != "null" and _netloc(urlsplit(origin)) == _normal_host(headers.get("host", ""), origin):
             return None
-        return f"a page at {origin} may not change this server"
+        return f"a page at {origin[:100]} may not change this server"
     site = headers.get("sec-fetch-site", "").lower()
     if site in ("cross-site", "same-site"):
         return "a page on another site may not change this server"
@@ -249,7 +249,7 @@ class SecurityMiddleware:
             return _error(400, f"this server does not answer to host {_host_name(host)[:100]!r}; "
                           "its operator can add it to SDSERVE_ALLOWED_HOSTS")
         if scope["method"] not in SAFE_METHODS:
-            why = cross_site_refusal(scope, headers, self.settings.allowed_origins)
+            why = cross_site_refusal(headers, self.settings.allowed_origins)
             if why is not None:
                 logger.warning("refused a cross-site %s %s: %s", scope["method"], scope["path"][:200], why)
                 return _error(403, f"cross-site request refused: {why}; its operator can add the page's origin "

@@ -127,7 +127,8 @@ def test_metrics_show_queue_depth_running_and_cancelled_jobs(client):
     before = scrape(client)
     slow = {"task": "text2img", "prompt": "slow", "steps": 150, "width": 256, "height": 256}
     running = client.post("/jobs", json=slow).json()["id"]
-    waiting = client.post("/jobs", json=slow).json()["id"]
+    # Another step count: two identical jobs within SDSERVE_BATCH_WINDOW_MS would share one batch and both run.
+    waiting = client.post("/jobs", json={**slow, "steps": 149}).json()["id"]
     deadline = time.monotonic() + 60
     while client.get(f"/jobs/{running}").json()["status"] != "running" and time.monotonic() < deadline:
         time.sleep(0.05)
