@@ -276,3 +276,23 @@ def test_run_api_listens_on_loopback_unless_host_says_otherwise():
     script = (ROOT / "run_api.sh").read_text()
     assert 'export HOST="${HOST:-127.0.0.1}"' in script and '--host "$HOST"' in script
     assert "HOST=0.0.0.0" in (ROOT / "Dockerfile").read_text()
+
+
+def test_the_schema_tells_the_truth_about_errors(open_client):
+    """Before: every 422 was published with `detail` as an array (it is a string), and most statuses were
+    undeclared, which broke clients generated from /openapi.json."""
+    schema = open_client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    assert components["ValidationErrorBody"]["properties"]["detail"]["type"] == "string"
+    assert "HTTPValidationError" not in components
+    operations = [(path, method, operation) for path, methods in schema["paths"].items()
+                  for method, operation in methods.items()]
+    assert len(operations) > 40
+    for path, method, operation in operations:
+        declared = operation["responses"]
+        for status in ("401", "403", "413", "422", "429", "500"):
+            assert status in declared, (method, path, status)
+            content = declared[status].get("content", {})
+            assert list(content) == ["application/json"], (method, path, status, content)
+    response = open_client.post("/text2img", json={"prompt": ""})
+    assert isinstance(response.json()["detail"], str) and response.json()["errors"][0]["loc"] == ["body", "prompt"]
