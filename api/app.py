@@ -9,7 +9,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from api.errors import ERROR_RESPONSES, register_error_handlers
+from api.compat import openai
+from api.compat.a1111 import A1111State
+from api.compat.openai import OpenAIErrorBody, UrlSigner
+from api.compat.random_diffusion import RandomRuns
+from api.errors import ERROR_RESPONSES, error_responses, register_error_handlers
 from api.limits import LimitsMiddleware
 from api.observability import MetricsMiddleware, RequestIdMiddleware
 from api.routes import (
@@ -64,14 +68,23 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
         description="Stable Diffusion inference with a model registry. Images are base64 in JSON.",
         lifespan=lifespan,
     )
-    register_error_handlers(app)
+    # OpenAI's clients read errors as {"error": {...}}; every other route keeps {"detail": ...}.
+    register_error_handlers(app, shapes={"/v1/": openai.error_body})
+    # What compatibility surfaces keep between requests, per process: A1111's options, signed image links,
+    # seed 001's runs.
+    app.state.a1111 = A1111State()
+    app.state.url_signer = UrlSigner()
+    app.state.random_runs = RandomRuns()
     # Every router: a key when keys are configured, an admin key for what changes the server (api/security.py),
     # and the error statuses every route may answer, declared once.
+    openai_errors = error_responses(models={}, default=OpenAIErrorBody,
+                                    statuses=(400, 401, 403, 404, 409, 413, 429, 500, 503))
     for router in (generation.router, jobs.router, images.router, models.router, system.router, loras.router,
-                   compat_seeds.router, compat_openai.router, compat_a1111.router, observability.router,
-                   training.router):
+                   compat_seeds.router, compat_openai.router, compat_a1111.router, compat_a1111.controlnet_router,
+                   observability.router, training.router):
         access = authorize(settings, public=router is system.router)  # /health: what load balancers probe
-        app.include_router(router, dependencies=access, responses=ERROR_RESPONSES)
+        responses = openai_errors if router is compat_openai.router else ERROR_RESPONSES
+        app.include_router(router, dependencies=access, responses=responses)
     mount_page(app)
     # Added first = innermost. From the outside in: the request id, metrics, CORS answers (only for configured
     # origins), Host / cross-site / key checks, then the body limit and the input images' budget.

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from starlette.exceptions import HTTPException
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 from models.errors import (
     AdapterNotFound,
@@ -75,53 +77,60 @@ class ModelNotFoundBody(ErrorBody):
     known_models: list[str] | None = Field(None, description="With an unknown model: the registered ones.")
 
 
-ERROR_MODELS = (ErrorBody, ValidationErrorBody, ModelNotFoundBody)
-
-
-def _error(description: str, model: type[BaseModel] = ErrorBody, headers: dict[str, Any] | None = None) -> dict:
-    # Always JSON, also on routes whose success is a PNG or an event stream: a `model` would take their media type.
-    answer: dict[str, Any] = {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
-    }
-    if headers:
-        answer["headers"] = headers
-    return answer
-
-
-# The statuses any route may answer besides its own success, declared once for every router (create_app), so
-# that clients generated from /openapi.json know every shape they can get.
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: _error("The Host header names a host this server does not answer to (SDSERVE_ALLOWED_HOSTS)."),
-    401: _error("An API key is needed (Authorization: Bearer KEY, X-API-Key: KEY or basic auth).",
-                headers={"WWW-Authenticate": {"schema": {"type": "string"}}}),
-    403: _error("Not allowed: an admin key is needed, another key's job, a cross-site request, or a path outside "
-                "the allowed folders."),
-    404: _error("Not found: unknown model (with `known_models`), job, image, LoRA, ControlNet or run.",
-                ModelNotFoundBody),
-    409: _error("Conflicts with the current state: the job is over, the model is the default one."),
-    413: _error("The request body is larger than SDSERVE_MAX_BODY_BYTES."),
-    422: _error("Invalid input; `detail` says which field and why.", ValidationErrorBody),
-    429: _error("The queue is full; retry after Retry-After seconds.",
-                headers={"Retry-After": {"schema": {"type": "integer"}}}),
-    500: _error("An unexpected error, logged with the request id (X-Request-ID)."),
-    503: _error("Not available now: the model is loading or cannot be loaded here, the registry file is broken, "
-                "or the server is shutting down."),
+# Models referred to by the tables below; document_errors puts them into the OpenAPI schema's components.
+_DOCUMENTED: dict[str, type[BaseModel]] = {}
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    400: "The Host header names a host this server does not answer to (SDSERVE_ALLOWED_HOSTS).",
+    401: "An API key is needed (Authorization: Bearer KEY, X-API-Key: KEY or basic auth).",
+    403: "Not allowed: an admin key is needed, another key's job, a cross-site request, or a path outside the "
+         "allowed folders.",
+    404: "Not found: unknown model (with `known_models`), job, image, LoRA, ControlNet or run.",
+    409: "Conflicts with the current state: the job is over, the model is the default one.",
+    413: "The request body is larger than SDSERVE_MAX_BODY_BYTES.",
+    422: "Invalid input; `detail` says which field and why.",
+    429: "The queue is full; retry after Retry-After seconds.",
+    500: "An unexpected error, logged with the request id (X-Request-ID).",
+    503: "Not available now: the model is loading or cannot be loaded here, the registry file is broken, or the "
+         "server is shutting down.",
 }
+_HEADERS = {401: {"WWW-Authenticate": {"schema": {"type": "string"}}},
+            429: {"Retry-After": {"schema": {"type": "integer"}}}}
+
+
+def error_responses(models: dict[int, type[BaseModel]] | None = None, default: type[BaseModel] = ErrorBody,
+                    statuses: tuple[int, ...] = tuple(ERROR_DESCRIPTIONS)) -> dict[int | str, dict[str, Any]]:
+    """The error statuses a router's routes may answer and their bodies, for `include_router(responses=...)`.
+    Always JSON, also on routes whose success is a PNG or an event stream (a `model` would take their media
+    type)."""
+    models = {404: ModelNotFoundBody, 422: ValidationErrorBody} if models is None else models
+    table: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        model = models.get(status, default)
+        _DOCUMENTED[model.__name__] = model
+        schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+        table[status] = {"description": ERROR_DESCRIPTIONS.get(status, "An error."),
+                         "content": {"application/json": {"schema": schema}}}
+        if status in _HEADERS:
+            table[status]["headers"] = _HEADERS[status]
+    return table
+
+
+# The statuses any native route may answer besides its own success, declared once for every router (create_app).
+ERROR_RESPONSES = error_responses()
 
 
 def document_errors(app: FastAPI) -> None:
-    """Put the error bodies that ERROR_RESPONSES refers to into the OpenAPI schema's components."""
+    """Put the error bodies that the tables refer to into the OpenAPI schema's components."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = build()
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in ERROR_MODELS:
+            for name, model in _DOCUMENTED.items():
                 definition = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(definition.pop("$defs", {}))
-                components[model.__name__] = definition
+                components[name] = definition
         return app.openapi_schema or build()
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -143,7 +152,7 @@ async def _domain_error(request: Request, error: Exception) -> JSONResponse:
         body["known_models"] = error.known
     if status >= 500:
         logger.warning("%s %s -> %d: %s", request.method, request.url.path, status, error)
-    return JSONResponse(body, status_code=status, headers=headers)
+    return _respond(request, status, body, headers)
 
 
 def _describe(error: dict) -> str:
@@ -164,24 +173,47 @@ async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
     problems = [_describe(item) for item in error.errors()]
     errors = [{k: v for k, v in item.items() if k in ("loc", "msg", "type")} for item in error.errors()]
-    return JSONResponse({"detail": "; ".join(problems), "errors": errors}, status_code=422)
-
-
-async def _http_error(request: Request, error: Exception) -> JSONResponse:
-    """Starlette's and FastAPI's own errors (401, 403, 404 of unknown paths, 405, 413) in the same shape."""
-    assert isinstance(error, HTTPException)
-    detail = error.detail if isinstance(error.detail, str) else str(error.detail)
-    return JSONResponse({"detail": detail}, status_code=error.status_code, headers=error.headers)
+    return _respond(request, 422, {"detail": "; ".join(problems), "errors": errors})
 
 
 async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return JSONResponse({"detail": "internal server error; see the server log"}, status_code=500)
+    return _respond(request, 500, {"detail": "internal server error; see the server log"})
 
 
-def register_error_handlers(app: FastAPI) -> None:
+async def _http_error(request: Request, error: Exception) -> JSONResponse:
+    """FastAPI's own answer to HTTPException (unknown route, wrong method, 401, 403, 413), through the same
+    shaping; `detail` is always a string."""
+    assert isinstance(error, StarletteHTTPException)
+    detail = error.detail if isinstance(error.detail, str) else str(error.detail)
+    return _respond(request, error.status_code, {"detail": detail}, getattr(error, "headers", None))
+
+
+# A compatibility surface whose clients read errors in another shape: (status, native body) -> (status, body).
+ErrorShape = Callable[[int, dict[str, Any]], tuple[int, dict[str, Any]]]
+
+
+def _respond(request: Request, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+             ) -> JSONResponse:
+    return error_response(request.scope, status, body, headers)
+
+
+def error_response(scope: Scope, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+                   ) -> JSONResponse:
+    """An error answer in the shape of the surface the path belongs to; the middlewares answer through it too."""
+    app = scope.get("app")
+    for prefix, shape in getattr(getattr(app, "state", None), "error_shapes", {}).items():
+        if scope["path"].startswith(prefix):
+            status, body = shape(status, body)
+            break
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def register_error_handlers(app: FastAPI, shapes: dict[str, ErrorShape] | None = None) -> None:
+    """One table for every route; `shapes` maps a path prefix to another error shape (OpenAI's for /v1/)."""
+    app.state.error_shapes = shapes or {}
     document_errors(app)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(SdserveError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.errors import error_response
 from models.settings import Settings
 
 
@@ -105,4 +105,8 @@ class LimitsMiddleware:
 
 
 def _too_large(limit: int) -> ASGIApp:
-    return JSONResponse({"detail": BodyTooLarge(limit).detail}, status_code=413, headers={"Connection": "close"})
+    async def answer(scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(scope, 413, {"detail": BodyTooLarge(limit).detail}, {"Connection": "close"})
+        await response(scope, receive, send)
+
+    return answer

@@ -34,9 +34,9 @@ from fastapi.openapi.models import HTTPBearer as HTTPBearerModel
 from fastapi.openapi.models import SecurityBase as SecurityBaseModel
 from fastapi.security.base import SecurityBase
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.errors import error_response
 from models.settings import Settings
 from models.types import JobSnapshot
 
@@ -47,15 +47,22 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Open without a key: what a load balancer probes, the page's own files (it asks for the key itself), the docs.
 PUBLIC_PATHS = frozenset({"/health", "/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
                           "/favicon.ico"})
-PUBLIC_PREFIXES = ("/static/",)
+# Signed image links of OpenAI `url` answers carry their own signature (and expiry), as OpenAI's do.
+PUBLIC_PREFIXES = ("/static/", "/v1/images/files/")
 # Every key holder may generate and follow, cancel or interrupt their own jobs. Every other route that is not a
 # plain read needs an admin key (so a route added later is admin-only until it is listed here).
 USER_WRITES = frozenset({
     ("POST", "/text2img"), ("POST", "/text2img/"), ("POST", "/img2img"), ("POST", "/img2img/"),
     ("POST", "/inpainting"), ("POST", "/inpainting/"), ("POST", "/jobs"), ("DELETE", "/jobs/{job_id}"),
-    ("POST", "/submit"), ("POST", "/imagine"), ("POST", "/generate-image/"), ("POST", "/generate-image"),
-    ("POST", "/v1/images/generations"), ("POST", "/v1/images/edits"),
+    ("POST", "/generate"), ("POST", "/generate/"), ("POST", "/submit"), ("POST", "/imagine"),
+    ("POST", "/generate-image/"), ("POST", "/generate-image"),
+    ("POST", "/api/image_model_domain/v1/random_diffusion/1/initialize_diffusion"),
+    ("POST", "/api/image_model_domain/v1/random_diffusion/1/initialize_diffusion/"),
+    ("POST", "/v1/images/generations"), ("POST", "/v1/images/edits"), ("POST", "/v1/images/variations"),
     ("POST", "/sdapi/v1/txt2img"), ("POST", "/sdapi/v1/img2img"), ("POST", "/sdapi/v1/interrupt"),
+    ("POST", "/sdapi/v1/skip"), ("POST", "/sdapi/v1/png-info"), ("POST", "/controlnet/detect"),
+    # A1111 clients choose their checkpoint this way (webuiapi's util_set_model); a registered model only.
+    ("POST", "/sdapi/v1/options"),
 })
 # Reads that only an admin may do: training runs name datasets and paths on the server, and their logs.
 ADMIN_READ_PREFIXES = ("/train",)
@@ -270,7 +277,11 @@ def _is_public(path: str) -> bool:
 
 
 def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> ASGIApp:
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+    async def answer(scope: Scope, receive: Receive, send: Send) -> None:
+        # In the shape of the surface the path belongs to (OpenAI's clients read {"error": {...}} under /v1/).
+        await error_response(scope, status, {"detail": detail}, headers)(scope, receive, send)
+
+    return answer
 
 
 def warn_if_exposed(settings: Settings) -> None:

@@ -49,6 +49,12 @@ class Settings(BaseSettings):
         None, gt=0, description="Unload least recently used bases when their weights exceed this total."
     )
     low_memory: bool = Field(False, description="CPU offload, attention slicing and VAE tiling.")
+    backend: Literal["torch", "openvino"] = Field(
+        "torch",
+        description="How base models run: torch (diffusers as it is) or openvino (the UNet exported once to OpenVINO "
+        "and cached under CACHE_DIR/openvino; CPU and float32 only; needs the openvino extra). A registry entry's "
+        "`backend` overrides it.",
+    )
     attention: Literal["auto", "sdpa", "xformers"] = Field(
         "auto", description="auto: xformers when installed on CUDA, else PyTorch SDPA."
     )

@@ -22,7 +22,7 @@ compile() {
     --no-emit-index-url --no-emit-find-links -c requirements-torch.txt "$@" -o "$output" pyproject.toml
 }
 # The server's lock first; the dev lock is constrained by it, so both agree on every shared package.
-compile requirements.lock --extra gpu
-compile requirements-dev.lock --extra gpu --extra dev -c requirements.lock
+compile requirements.lock --extra gpu --extra openvino
+compile requirements-dev.lock --extra gpu --extra openvino --extra dev -c requirements.lock
 
 ./run_tests.sh

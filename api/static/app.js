@@ -346,10 +346,11 @@ function buildRequest() {
     negative_prompt: text("negative_prompt") || null,
     model: form.model.value || null,
     steps: number("steps"),
-    cfg_scale: number("cfg_scale"),
     number_of_images: number("number_of_images"),
     seed: text("seed") === "" || number("seed") < 0 ? null : number("seed"),
   };
+  // Blank guidance and size: the model family's own (SDXL 5 and 1024x1024, FLUX 3.5, ...).
+  if (text("cfg_scale")) body.cfg_scale = number("cfg_scale");
   if (text("width")) body.width = number("width");
   if (text("height")) body.height = number("height");
   if (form.scheduler.value) body.scheduler = form.scheduler.value;

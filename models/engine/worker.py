@@ -18,11 +18,13 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from models.engine.generate import batch_key, check_request, generate_batch
-from models.engine.pipelines import PipelineCache
+from models.engine import device_memory
+from models.engine.families import check_for_family, check_refiner
+from models.engine.generate import Refiner, batch_key, check_request, generate_batch
+from models.engine.pipelines import LoadedModel, PipelineCache
 from models.engine.previews import LatentPreviewer
 from models.errors import JobCancelled, NotReady, QueueFull, SdserveError
 from models.logcontext import current_request_id, log_context
@@ -66,6 +68,8 @@ class Job:
     image_ids: tuple[str, ...] = ()  # set by the recorder once the files are written
     future: Future[GenerationResult] = field(default_factory=Future, repr=False)
     cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
+    # Finish at the next step with the image so far (A1111's interrupt), rather than cancel.
+    stop_requested: threading.Event = field(default_factory=threading.Event, repr=False)
     request_id: str | None = field(default_factory=current_request_id)
     result: GenerationResult | None = field(default=None, repr=False)
     _event_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -239,6 +243,20 @@ class GenerationWorker:
         logger.info("job %s cancel requested", job_id)
         return job
 
+    def stop_early(self, job_id: str) -> Job | None:
+        """Finish a running job at its next step with what it has made so far; a queued one is cancelled (it has
+        made nothing). Returns None if unknown."""
+        with self._condition:
+            job = self._jobs.get(job_id)
+            if job is None or job.done:
+                return job
+            running = job in self._running
+        if not running:
+            return self.cancel(job_id)
+        job.stop_requested.set()
+        logger.info("job %s asked to finish early", job_id)
+        return job
+
     def job(self, job_id: str) -> Job | None:
         with self._condition:
             return self._jobs.get(job_id)
@@ -334,11 +352,22 @@ class GenerationWorker:
             job.emit("started")
         first = jobs[0].request
         try:
-            controlnet = first.controlnet.name if first.controlnet is not None else None
-            pipeline, model = self.cache.get(jobs[0].model, first.task, controlnet=controlnet)
+            controlnets = tuple(control.name for control in first.controlnets)
+            pipeline, model = self.cache.get(jobs[0].model, first.task, controlnets=controlnets)
+            second = self.cache.get(jobs[0].model, "img2img", controlnets=controlnets)[0] if first.hires else None
+            # A request with a refiner runs alone (its batch key is None).
+            refiner = self._refiner(jobs[0], model) if first.refiner is not None else None
             on_step, on_latents = self._progress_hooks(jobs, pipeline)
-            results = generate_batch(pipeline, model, [job.request for job in jobs], on_step,
-                                     lambda: self._cancel_finished(jobs), on_latents=on_latents)
+            device_memory.reset_peak()
+            results = generate_batch(
+                pipeline, model, [job.request for job in jobs], on_step, lambda: self._cancel_finished(jobs),
+                on_latents=on_latents, second_pipeline=second,
+                # A1111's interrupt: the images so far, once every job of the call asked for it.
+                stop_early=lambda: all(job.stop_requested.is_set() for job in jobs if not job.done),
+                refiner=refiner,
+            )
+            peak = device_memory.peak_mb()
+            results = [replace(result, peak_memory_mb=peak) for result in results]
         except JobCancelled:
             if self._stopping:
                 self._end_all(jobs, JobStatus.interrupted, "the server is shutting down",
@@ -402,6 +431,17 @@ class GenerationWorker:
             job.future.set_exception(JobCancelled(error or "cancelled"))
         else:
             job.future.set_exception(exception or SdserveError(error or "failed"))
+
+    def _refiner(self, job: Job, model: LoadedModel) -> Refiner:
+        """The refiner's pipeline for the job's last steps (img2img, or inpainting for an inpainting job), loaded
+        without unloading the job's base."""
+        request = job.request
+        assert request.refiner is not None
+        check_for_family(request, model.family, model.name)  # the base takes a refiner, before loading one
+        task = "inpainting" if request.task == "inpainting" else "img2img"
+        pipeline, refiner = self.cache.get(request.refiner, task, keep=(job.model,))
+        check_refiner(request.refiner, job.model, refiner.family)
+        return pipeline, refiner
 
     def _progress_hooks(
         self, jobs: list[Job], pipeline: Any
