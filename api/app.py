@@ -77,8 +77,9 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
     app.state.random_runs = RandomRuns()
     # Every router: a key when keys are configured, an admin key for what changes the server (api/security.py),
     # and the error statuses every route may answer, declared once.
+    # OpenAI answers invalid input with 400, never 422: "4XX" keeps FastAPI from declaring its own 422 there.
     openai_errors = error_responses(models={}, default=OpenAIErrorBody,
-                                    statuses=(400, 401, 403, 404, 409, 413, 429, 500, 503))
+                                    statuses=(400, 401, 403, 404, 409, 413, 429, "4XX", 500, 503))
     for router in (generation.router, jobs.router, images.router, models.router, system.router, loras.router,
                    compat_seeds.router, compat_openai.router, compat_a1111.router, compat_a1111.controlnet_router,
                    observability.router, training.router):

@@ -97,8 +97,8 @@ _HEADERS = {401: {"WWW-Authenticate": {"schema": {"type": "string"}}},
             429: {"Retry-After": {"schema": {"type": "integer"}}}}
 
 
-def error_responses(models: dict[int, type[BaseModel]] | None = None, default: type[BaseModel] = ErrorBody,
-                    statuses: tuple[int, ...] = tuple(ERROR_DESCRIPTIONS)) -> dict[int | str, dict[str, Any]]:
+def error_responses(models: dict[int | str, type[BaseModel]] | None = None, default: type[BaseModel] = ErrorBody,
+                    statuses: tuple[int | str, ...] = tuple(ERROR_DESCRIPTIONS)) -> dict[int | str, dict[str, Any]]:
     """The error statuses a router's routes may answer and their bodies, for `include_router(responses=...)`.
     Always JSON, also on routes whose success is a PNG or an event stream (a `model` would take their media
     type)."""
@@ -108,7 +108,7 @@ def error_responses(models: dict[int, type[BaseModel]] | None = None, default: t
         model = models.get(status, default)
         _DOCUMENTED[model.__name__] = model
         schema = {"$ref": f"#/components/schemas/{model.__name__}"}
-        table[status] = {"description": ERROR_DESCRIPTIONS.get(status, "An error."),
+        table[status] = {"description": ERROR_DESCRIPTIONS.get(status, "Any other refusal of the request."),  # type: ignore[call-overload]
                          "content": {"application/json": {"schema": schema}}}
         if status in _HEADERS:
             table[status]["headers"] = _HEADERS[status]

@@ -85,7 +85,7 @@ def test_one_side_from_a_tall_image_is_over_the_limit(client, path, body):
 def test_edits_without_size_take_the_image_size_and_check_it(client):
     files = {"image": ("tall.png", base64.b64decode(TALL), "image/png")}
     response = client.post("/v1/images/edits", files=files, data={"prompt": "x"})
-    assert response.status_code == 422 and "over the limit 2048" in response.json()["detail"]
+    assert response.status_code == 400 and "over the limit 2048" in response.json()["error"]["message"]
 
 
 def test_a_one_pixel_image_is_under_the_minimum(client):

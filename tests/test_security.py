@@ -7,6 +7,7 @@ import logging
 import re
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from api.security import USER_WRITES, needs_admin
 from models.settings import Settings
 from tests.conftest import ROOT
 from tests.fake_engine import FakeEngine
+from tests.utils import wait_for
 
 USER_KEY = "user-key-0123456789"
 OTHER_KEY = "other-key-0123456789"
@@ -70,12 +72,16 @@ def test_every_route_but_the_public_ones_needs_a_key(keyed):
     checked = 0
     for method, path in routes(keyed):
         response = keyed.request(method, concrete(path))
-        if path in public:
+        if path in public or path.startswith("/v1/images/files/"):  # signed links carry their own signature
             assert response.status_code != 401, (method, path)
             continue
         assert response.status_code == 401, (method, path, response.status_code)
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
-        assert "API key" in response.json()["detail"]
+        body = response.json()
+        if path.startswith("/v1/"):  # OpenAI's shape, which its SDK reads as AuthenticationError
+            assert body["error"]["code"] == "invalid_api_key" and "API key" in body["error"]["message"]
+        else:
+            assert "API key" in body["detail"]
         checked += 1
     assert checked > 40
     assert keyed.get("/openapi.json").status_code == 200 and keyed.get("/static/app.js").status_code == 200
@@ -164,14 +170,28 @@ def test_jobs_can_be_cancelled_only_by_their_key_or_an_admin(tmp_path):
         job = client.post("/jobs", json={**GOOD, "task": "text2img"}, headers=bearer(USER_KEY)).json()
         other = client.delete(f"/jobs/{job['id']}", headers=bearer(OTHER_KEY))
         assert other.status_code == 403 and "another key" in other.json()["detail"]
-        interrupted = client.post("/sdapi/v1/interrupt", headers=bearer(OTHER_KEY))
-        assert interrupted.status_code == 403
         assert client.get(f"/jobs/{job['id']}", headers=bearer(OTHER_KEY)).json()["status"] == "running"
         own = client.delete(f"/jobs/{job['id']}", headers=bearer(USER_KEY))
         assert own.status_code in (200, 202) and own.json()["cancel_requested"]
         second = client.post("/jobs", json={**GOOD, "task": "text2img"}, headers=bearer(USER_KEY)).json()
         assert client.delete(f"/jobs/{second['id']}", headers=bearer(ADMIN_KEY)).status_code in (200, 202)
         gate.set()
+
+
+def test_a1111_interrupt_and_skip_reach_only_the_callers_own_job(tmp_path):
+    gate = threading.Event()
+    engine = FakeEngine(gate=gate)
+    with TestClient(create_app(keyed_settings(tmp_path), engine=engine)) as client, \
+            ThreadPoolExecutor(1) as pool:
+        body = {"prompt": "x", "steps": 2, "width": 64, "height": 64}
+        waiting = pool.submit(client.post, "/sdapi/v1/txt2img", json=body, headers=bearer(USER_KEY))
+        wait_for(lambda: engine.submitted, timeout_s=30)
+        for route in ("/sdapi/v1/interrupt", "/sdapi/v1/skip"):
+            refused = client.post(route, headers=bearer(OTHER_KEY))
+            assert refused.status_code == 403 and "another key" in refused.json()["detail"]
+        assert client.post("/sdapi/v1/interrupt", headers=bearer(USER_KEY)).json()["interrupted"]
+        gate.set()
+        assert waiting.result(timeout=30).status_code == 200
 
 
 # -- cross-site requests, CORS and Host --------------------------------------------------------------------------
@@ -290,9 +310,11 @@ def test_the_schema_tells_the_truth_about_errors(open_client):
     assert len(operations) > 40
     for path, method, operation in operations:
         declared = operation["responses"]
-        for status in ("401", "403", "413", "422", "429", "500"):
+        invalid = "400" if path.startswith("/v1/") else "422"  # OpenAI's clients get 400 for invalid input
+        for status in ("401", "403", "413", invalid, "429", "500"):
             assert status in declared, (method, path, status)
             content = declared[status].get("content", {})
             assert list(content) == ["application/json"], (method, path, status, content)
+    assert components["OpenAIErrorBody"]["properties"]["error"]
     response = open_client.post("/text2img", json={"prompt": ""})
     assert isinstance(response.json()["detail"], str) and response.json()["errors"][0]["loc"] == ["body", "prompt"]
