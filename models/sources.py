@@ -66,7 +66,9 @@ def allowed_roots(settings: Settings) -> list[Path]:
     if settings.lora_roots is not None:
         roots = list(settings.lora_roots)
     else:
-        roots = [settings.registry_path.parent, settings.output_dir, hf_cache_dir()]
+        # The server's own builtin models (cache_dir) too: a registered single-file checkpoint may take its
+        # configs from one of them.
+        roots = [settings.registry_path.parent, settings.output_dir, settings.cache_dir, hf_cache_dir()]
     return [root.expanduser().resolve() for root in roots]
 
 
@@ -89,8 +91,8 @@ def source_refusal(settings: Settings, source: str, what: str) -> str | None:
     if source.startswith("demo:"):
         return None
     refusal = (f"{what} must be a demo: builtin, a Hugging Face repo id, or a file or folder inside the folders "
-               "weights may be read from (the registry's folder, the output folder, the Hugging Face cache, or "
-               "SDSERVE_LORA_ROOTS)")
+               "weights may be read from (the registry's folder, the output folder, the builtin models' cache, the "
+               "Hugging Face cache, or SDSERVE_LORA_ROOTS)")
     if has_control_characters(source):
         return refusal
     path = Path(source).expanduser()

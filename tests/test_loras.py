@@ -400,7 +400,8 @@ def test_allowed_folders_default_and_setting(settings, tmp_path):
     roots = allowed_roots(settings)
     assert settings.registry_path.parent.resolve() in roots
     assert settings.output_dir.resolve() in roots
-    assert len(roots) == 3
+    assert settings.cache_dir.resolve() in roots
+    assert len(roots) == 4
     explicit = Settings(registry_path=settings.registry_path, lora_roots=f"{tmp_path / 'x'}{os.pathsep}/srv/loras")
     assert allowed_roots(explicit) == [(tmp_path / "x").resolve(), Path("/srv/loras")]
 
