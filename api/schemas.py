@@ -10,6 +10,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from api.controlnet_schemas import ControlNetBody, ControlNetUsed
 from api.images import Base64Image, OutputFormat
+from api.security import current_owner
 from models.errors import InvalidRequest
 from models.registry import FamilyName, ModelKind, RegistryEntry
 from models.sources import NAME_PATTERN
@@ -132,8 +133,12 @@ class GenerationBody(BaseModel):
     height: int | None = Field(
         None, ge=64, multiple_of=8, description="Output height; default: the input image's or the model's."
     )
-    model: str | None = Field(None, description="Registry name of the base model; default SDSERVE_DEFAULT_MODEL.")
-    scheduler: str | None = Field(None, description="Scheduler name (see GET /health); default: the model's.")
+    model: str | None = Field(
+        None, max_length=200, description="Registry name of the base model; default SDSERVE_DEFAULT_MODEL."
+    )
+    scheduler: str | None = Field(
+        None, max_length=64, description="Scheduler name (see GET /health); default: the model's."
+    )
     output_format: OutputFormat = Field("png", description="Encoding of the returned images.")
     loras: list[LoraBody] = Field(
         default_factory=list, max_length=32,
@@ -234,7 +239,8 @@ class GenerationBody(BaseModel):
         )
 
     def options(self, source: str) -> JobOptions:
-        return JobOptions(save=self.save, output_format=self.output_format, source=source)
+        # The job belongs to the key of the request that submits it: only it (or an admin key) may cancel it.
+        return JobOptions(save=self.save, output_format=self.output_format, source=source, owner=current_owner())
 
 
 class Text2ImgBody(GenerationBody):
@@ -352,18 +358,21 @@ class ModelList(BaseModel):
 
 
 class RegisterModelBody(BaseModel):
+    """A registry entry from a client. Every write rewrites the registry file, so each field is bounded; a
+    `source` or `config` that is a path must lie inside the folders weights may be read from."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=NAME_PATTERN)
     kind: ModelKind = "base"
-    source: str = Field(min_length=1)
-    base: str | None = None
-    weight_name: str | None = None
-    config: str | None = None
+    source: str = Field(min_length=1, max_length=1000)
+    base: str | None = Field(None, pattern=NAME_PATTERN)
+    weight_name: str | None = Field(None, min_length=1, max_length=255)
+    config: str | None = Field(None, min_length=1, max_length=1000)
     family: FamilyName | None = None
-    scale: float = 1.0
-    trigger_words: list[str] = []
-    description: str | None = None
+    scale: float = Field(1.0, ge=-10, le=10)
+    trigger_words: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field([], max_length=32)
+    description: str | None = Field(None, max_length=2000)
     backend: Literal["torch", "openvino"] | None = Field(
         None, description="How this base runs: torch or openvino (CPU fast path); default: SDSERVE_BACKEND"
     )

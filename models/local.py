@@ -23,7 +23,15 @@ from models.engine.generate import check_request
 from models.engine.pipelines import PipelineCache
 from models.engine.schedulers import scheduler_names
 from models.engine.worker import GenerationWorker, Job
-from models.errors import ControlNetNotFound, ImageNotFound, JobCancelled, JobFinished, JobNotFound
+from models.errors import (
+    ControlNetNotFound,
+    ImageNotFound,
+    JobCancelled,
+    JobFinished,
+    JobNotFound,
+    ModelInUse,
+    PathNotAllowed,
+)
 from models.families import family_named
 from models.jobs.recorder import JobRecorder
 from models.jobs.records import image_path, image_snapshot, snapshot_from_record
@@ -32,6 +40,7 @@ from models.jobs.store import Store
 from models.registry import BASE_KINDS, Registry, RegistryEntry
 from models.registry.detect import FamilyDetector
 from models.settings import Settings
+from models.sources import source_refusal
 from models.system_stats import system_stats
 from models.types import (
     MAX_SEED,
@@ -261,12 +270,23 @@ class LocalEngine:
         return await asyncio.to_thread(lambda: self._with_families(self._registry.entries()))
 
     async def register(self, name: str, entry: RegistryEntry, replace: bool = False) -> RegistryEntry:
+        # A client names the source: a path must lie inside the allowed roots, as a LoRA's must.
+        for field_name in ("source", "config"):
+            value = getattr(entry, field_name)
+            refusal = source_refusal(self.settings, value, f"model {name!r}: {field_name}") if value else None
+            if refusal:
+                logger.warning("refused to register %r with %s %r: outside the allowed roots", name, field_name,
+                               value)
+                raise PathNotAllowed(refusal)
         registered = await asyncio.to_thread(self._registry.register, name, entry, replace)
         if replace:
             await self.evict(name)  # a replaced base must be loaded again from its new source
         return await asyncio.to_thread(lambda: self._with_families({name: registered})[name])
 
     async def unregister(self, name: str) -> None:
+        if name == self.settings.default_model:
+            raise ModelInUse(f"model {name!r} is the default model (SDSERVE_DEFAULT_MODEL): every request without "
+                             "`model` uses it; start the server with another default before removing it")
         await asyncio.to_thread(self._registry.delete, name)
         await self.evict(name)
 

@@ -138,6 +138,7 @@ class JobOptions:
     save: bool | None = None  # save the images as PNG files; None: SDSERVE_SAVE_IMAGES
     output_format: str = "png"  # how the client wants its images encoded (saved files are always PNG)
     source: str = "jobs"  # the route that submitted it
+    owner: str | None = None  # the API key (its fingerprint) that submitted it, when keys are configured
 
 
 # -- what ran -------------------------------------------------------------------------------------------------------

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from api.app import create_app
 from models.settings import Settings
 from tests.conftest import wait_ready
 from tests.fake_engine import FakeEngine
 from tests.training_helpers import FAST_TARGETS, shape_image
+from training.config import LoraOptions
 
 CPU_LAUNCH = ["--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no"]
@@ -186,6 +188,47 @@ def test_bad_names_and_unknown_datasets(api):
     assert api.post("/datasets/.hidden", files={"files": ("a.png", png(), "image/png")}).status_code == 422
     assert api.get("/datasets/nope").status_code == 404
     assert api.delete("/datasets/nope").json()["detail"] == "no dataset 'nope' in the datasets folder"
+
+
+def test_datasets_need_an_admin_key_when_keys_are_configured(dataset_settings):
+    keyed = dataset_settings.model_copy(update={"api_keys": [SecretStr("user-key-0123456789")],
+                                                "admin_keys": [SecretStr("admin-key-0123456789")]})
+    user, admin = ({"X-API-Key": "user-key-0123456789"}, {"X-API-Key": "admin-key-0123456789"})
+    with TestClient(create_app(keyed, engine=FakeEngine())) as client:
+        wait_ready(client)
+        data = {"files": ("upload.zip", captioned_zip(), "application/zip")}
+        assert client.post("/datasets/shapes", files=data).status_code == 401
+        assert client.post("/datasets/shapes", files=data, headers=user).status_code == 403
+        assert client.get("/datasets", headers=user).status_code == 403  # names what is on the server
+        assert everything_under(keyed.datasets_dir) == set()
+        assert client.post("/datasets/shapes", files=data, headers=admin).status_code == 201
+        assert client.get("/datasets", headers=admin).json()["datasets"][0]["name"] == "shapes"
+        assert client.delete("/datasets/shapes", headers=user).status_code == 403
+        assert client.delete("/datasets/shapes", headers=admin).status_code == 200
+
+
+def test_a_dataset_upload_may_exceed_the_general_body_limit_but_not_its_own(dataset_settings):
+    small_bodies = dataset_settings.model_copy(update={"max_body_bytes": 4096, "dataset_max_bytes": 2**21})
+    with TestClient(create_app(small_bodies, engine=FakeEngine())) as client:
+        wait_ready(client)
+        assert upload_zip(client, "shapes", captioned_zip()).status_code == 201  # > 4096 bytes
+        huge = client.post("/datasets/huge", files={"files": ("a.zip", b"\0" * (2**21 + 2**20 + 1), "x/zip")})
+        assert huge.status_code == 413
+        assert client.post("/jobs", content=b"x" * 8192, headers={"Content-Type": "application/json"}
+                           ).status_code == 413
+    assert everything_under(small_bodies.datasets_dir) == {"shapes", *(f"shapes/{colour}-{shape}.{suffix}"
+        for colour in ("red", "green", "blue") for shape in ("square", "circle") for suffix in ("png", "txt"))}
+
+
+def test_an_uploaded_dataset_is_allowed_whatever_training_dirs_says(dataset_settings, tmp_path):
+    elsewhere = dataset_settings.model_copy(update={"training_dirs": [tmp_path / "elsewhere"]})
+    with TestClient(create_app(elsewhere, engine=FakeEngine())) as client:
+        wait_ready(client)
+        assert upload_zip(client, "shapes", captioned_zip()).status_code == 201
+        checked = client.app.state.training._checked(LoraOptions(dataset=Path("shapes"), base="demo"))
+        assert checked.dataset == (elsewhere.datasets_dir / "shapes").resolve()
+        outside = client.post("/train", json={"kind": "lora", "args": {"dataset": str(tmp_path / "x")}})
+        assert outside.status_code == 422 and "outside the folders training may use" in outside.json()["detail"]
 
 
 def test_resume_is_refused_clearly_when_there_is_nothing_to_resume(dataset_settings, monkeypatch):

@@ -66,6 +66,7 @@ from training.data import (
     nearest_bucket,
 )
 from training.dataset_files import Example, dataset_sha256
+from training.lifeline import ServerLifeline
 from training.plots import LOSS_PLOT, VALIDATION_GRID, save_loss_plot, save_validation_grid
 from training.progress import PROGRESS_FILE, ProgressReporter, read_progress
 from training.registration import check_registration, register_weights
@@ -625,12 +626,18 @@ class _Run:
             adapters.save_lora_weights(self.output_dir, self.unet, self.trained_text_encoders, self._metadata(),
                                        two_text_encoders=self.conditioning.two_encoders)
             self._validate()  # steps skip validation at the last step: this is it, with the saved weights
-            if options.register_as:
+            lifeline = ServerLifeline.from_environment()
+            orphaned = lifeline is not None and not lifeline.alive(now=True)
+            if options.register_as and orphaned:
+                # The server that started this run is gone: nobody asked for this model any more.
+                logger.warning("the server that started this run is gone: %s is saved but not registered as %r",
+                               weights, options.register_as)
+            elif options.register_as:
                 register_weights(options, self.base, Registry(self.settings.registry_path), weights, self.run_id,
                                  self.data.trigger_words)
                 registered = options.register_as
             self.progress.event("done", step=self.global_step, output=str(weights), registered=registered,
-                                run_id=self.run_id)
+                                run_id=self.run_id, **({"server_gone": True} if orphaned else {}))
         accelerator.wait_for_everyone()
         return TrainingResult(self.output_dir, weights, self.run_id, self.global_step, self.losses, registered)
 
@@ -675,10 +682,13 @@ def _read_state(checkpoint: Path) -> dict[str, Any]:
 
 # -- command line ---------------------------------------------------------------------------------------------------
 class StopOnSignal:
-    """SIGTERM or Ctrl-C asks the loop to checkpoint and stop at the next step; a second Ctrl-C stops at once."""
+    """SIGTERM or Ctrl-C asks the loop to checkpoint and stop at the next step; a second Ctrl-C stops at once.
+    A run the server started also stops when that server is gone (training/lifeline.py)."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.lifeline = ServerLifeline.from_environment()
+        self.server_gone = False
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
 
@@ -690,7 +700,11 @@ class StopOnSignal:
                        signal.Signals(number).name)
 
     def __call__(self, step: int) -> bool:
-        return self.signal is not None
+        if self.lifeline is not None and not self.server_gone and not self.lifeline.alive():
+            self.server_gone = True
+            logger.warning("the server that started this run (pid %d) is gone: saving a checkpoint and stopping "
+                           "without registering anything", self.lifeline.pid)
+        return self.signal is not None or self.server_gone
 
 
 def run(options: TrainingOptions, build_data: DataBuilder) -> int:

@@ -13,12 +13,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastapi.exceptions import RequestValidationError
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.compat import preprocessors
 from api.compat.shared import A1111_SAMPLERS, build_body, resolve_model_alias, sampler_to_scheduler, split_lora_tags
-from api.images import Base64Image, decode_image, encode_images
+from api.images import Base64Image, Base64ImageList, decode_image, encode_images
 from api.schemas import GenerationBody, Img2ImgBody, InpaintingBody, Text2ImgBody
 from api.serving import BatchRun
 from models.errors import InvalidRequest, ModelNotFound
@@ -87,7 +88,7 @@ class Txt2ImgRequest(BaseModel):
 
 
 class Img2ImgRequest(Txt2ImgRequest):
-    init_images: list[Base64Image] = Field(min_length=1)
+    init_images: Base64ImageList = Field(min_length=1)
     mask: Base64Image | None = None
     denoising_strength: float | None = 0.75
     inpainting_mask_invert: int = 0
@@ -161,7 +162,7 @@ def img2img_body(body: Img2ImgRequest, entries: dict[str, RegistryEntry], state:
 
 def _native_fields(body: Txt2ImgRequest, entries: dict[str, RegistryEntry], state: A1111State) -> dict[str, Any]:
     prompt, loras = split_lora_tags(body.prompt)
-    checkpoint = body.override_settings.get("sd_model_checkpoint")
+    checkpoint = _checkpoint(body.override_settings)
     return {
         "prompt": prompt or " ",
         "loras": loras or None,
@@ -178,6 +179,14 @@ def _native_fields(body: Txt2ImgRequest, entries: dict[str, RegistryEntry], stat
         "refiner": resolve_checkpoint(entries, body.refiner_checkpoint) if body.refiner_checkpoint else None,
         "refiner_switch_at": body.refiner_switch_at if body.refiner_checkpoint else None,
     }
+
+
+def _checkpoint(override_settings: dict[str, Any]) -> str | None:
+    checkpoint = override_settings.get("sd_model_checkpoint")
+    if checkpoint is not None and not isinstance(checkpoint, str):
+        raise RequestValidationError([{"loc": ("override_settings", "sd_model_checkpoint"), "type": "string_type",
+                                       "msg": "must be a model name (a string)"}])
+    return checkpoint
 
 
 def hires_fields(body: Txt2ImgRequest) -> dict[str, Any]:

@@ -33,23 +33,13 @@ def check_request(request: GenerationRequest, settings: Settings) -> None:
     scheduler's name. The schema already checked types, ranges and multiples of 8."""
     spec = task_spec(request.task)
     problems = spec.check_inputs(request)
-    if request.width is not None and request.width > settings.max_width:
-        problems.append(f"width {request.width} is over the limit {settings.max_width} (SDSERVE_MAX_WIDTH)")
-    if request.height is not None and request.height > settings.max_height:
-        problems.append(f"height {request.height} is over the limit {settings.max_height} (SDSERVE_MAX_HEIGHT)")
+    problems += _size_problems(request, settings)
     if request.steps > settings.max_steps:
         problems.append(f"steps {request.steps} is over the limit {settings.max_steps} (SDSERVE_MAX_STEPS)")
     if request.num_images > settings.max_images:
         problems.append(
             f"number_of_images {request.num_images} is over the limit {settings.max_images} (SDSERVE_MAX_IMAGES)"
         )
-    if request.image is not None and request.width is None and request.height is None:
-        width, height = request.image.size
-        if width > settings.max_width or height > settings.max_height:
-            problems.append(
-                f"the input image is {width}x{height}, over the limit {settings.max_width}x{settings.max_height}; "
-                "send a smaller image or set width and height to resize it"
-            )
     if len(request.loras) > settings.max_loras_per_request:
         problems.append(f"{len(request.loras)} LoRAs in one request; at most {settings.max_loras_per_request} "
                         "(SDSERVE_MAX_LORAS_PER_REQUEST)")
@@ -62,6 +52,41 @@ def check_request(request: GenerationRequest, settings: Settings) -> None:
                         "raise strength or steps so that strength x steps >= 1")
     if problems:
         raise InvalidRequest("; ".join(problems))
+
+
+MIN_SIDE = 64
+
+
+def size_from_image(request: GenerationRequest, multiple: int = 8) -> tuple[int, int] | None:
+    """The output size of a request with an input image: each side as asked, else the image's own (down to the
+    family's multiple: 8, or 16 for SD 3.x and FLUX). None without an input image (the model's native size fills
+    in what is missing)."""
+    if request.image is None:
+        return None
+    image_width, image_height = request.image.size
+    return (request.width or image_width - image_width % multiple,
+            request.height or image_height - image_height % multiple)
+
+
+def _size_problems(request: GenerationRequest, settings: Settings) -> list[str]:
+    """Both sides of the output, as they will be once resolved from an input image, inside the limits; and the
+    decoded input images of the request inside its pixel budget."""
+    problems = []
+    resolved = size_from_image(request)
+    width, height = resolved or (request.width, request.height)
+    from_image = " (taken from the input image; set width and height to resize it)" if resolved else ""
+    for side, value, limit, setting in (("width", width, settings.max_width, "SDSERVE_MAX_WIDTH"),
+                                        ("height", height, settings.max_height, "SDSERVE_MAX_HEIGHT")):
+        if value is not None and value > limit:
+            problems.append(f"{side} {value}{from_image} is over the limit {limit} ({setting})")
+        elif value is not None and value < MIN_SIDE:
+            problems.append(f"{side} {value}{from_image} is under the minimum {MIN_SIDE}")
+    inputs = [request.image, request.mask_image, *(control.image for control in request.controlnets)]
+    pixels = sum(image.width * image.height for image in inputs if image is not None)
+    if pixels > settings.max_input_pixels:
+        problems.append(f"the input images hold {pixels} pixels together; at most {settings.max_input_pixels} "
+                        "(SDSERVE_MAX_INPUT_PIXELS)")
+    return problems
 
 
 def _check_controlnets_and_hires(request: GenerationRequest, settings: Settings) -> list[str]:
@@ -98,12 +123,9 @@ def _check_controlnets_and_hires(request: GenerationRequest, settings: Settings)
 def resolve_size(request: GenerationRequest, model: LoadedModel) -> tuple[int, int]:
     """Explicit size, else the input image's size (down to the family's multiple: 8, or 16 for SD 3.x and FLUX),
     else the model's native size."""
-    if request.image is not None:
-        multiple = model.family.size_multiple
-        image_width, image_height = request.image.size
-        width = request.width or max(multiple, image_width - image_width % multiple)
-        height = request.height or max(multiple, image_height - image_height % multiple)
-        return width, height
+    resolved = size_from_image(request, model.family.size_multiple)
+    if resolved is not None:
+        return resolved
     native_width, native_height = model.default_size()
     return request.width or native_width, request.height or native_height
 

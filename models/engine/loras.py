@@ -33,6 +33,7 @@ from models.sources import (
     PICKLE_SUFFIXES,
     WEIGHT_SUFFIXES,
     allowed_roots,
+    has_control_characters,
     hf_cache_dir,
     is_hf_repo_id,
     is_inside_roots,
@@ -80,6 +81,8 @@ class LoraResolver:
 
     def resolve(self, spec: LoraSpec) -> ResolvedLora:
         shown = spec.name
+        if has_control_characters(spec.name + (spec.weight_name or "")):
+            raise InvalidRequest(f"LoRA {shown!r}: a name, path or weight_name cannot hold control characters")
         entry = self._registry_entry(spec.name)
         source = entry.source if entry else spec.name
         weight_name = spec.weight_name or (entry.weight_name if entry else None)
