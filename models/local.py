@@ -53,19 +53,22 @@ T = TypeVar("T")
 
 
 class LocalEngine:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, name: str | None = None):
+        """`name`: this engine's name among replicas sharing one database (Ray Serve); its rows carry it, and at
+        start-up it marks only its own unfinished jobs interrupted. None (one process): every unfinished job."""
         self.settings = settings
+        self.name = name
         self._registry = Registry(settings.registry_path)
         self.device = select_device(settings)
         self.cache = PipelineCache(settings, self._registry, self.device)
         self.worker = GenerationWorker(settings, self.cache)
         self.store = Store(settings.resolved_database_url())
-        interrupted = self.store.mark_interrupted(INTERRUPTED_REASON)
+        interrupted = self.store.mark_interrupted(INTERRUPTED_REASON, engine=name)
         if interrupted:
             logger.warning("%d job(s) left unfinished by the last run are marked interrupted", interrupted)
         self.results = ResultCache(settings.result_cache_size)
         self._cache_keys: dict[str, str] = {}  # job id -> its result-cache key, until it finishes
-        self.recorder = JobRecorder(self.store, settings)
+        self.recorder = JobRecorder(self.store, settings, engine=name)
         job_metrics = metrics.JobMetrics()
         self.worker.add_observer(self._keep_result)
         self.worker.add_observer(self.recorder)

@@ -23,6 +23,7 @@ compile() {
 }
 # The server's lock first; the dev lock is constrained by it, so both agree on every shared package.
 compile requirements.lock --extra gpu
-compile requirements-dev.lock --extra gpu --extra dev -c requirements.lock
+# The dev lock also holds the optional extras that the tests exercise (Ray Serve, the PostgreSQL driver).
+compile requirements-dev.lock --extra gpu --extra dev --extra ray --extra postgres -c requirements.lock
 
 ./run_tests.sh
