@@ -11,7 +11,8 @@ from scripts.lockfile import disagreements, locked_versions, mismatches, torch_p
 from tests.conftest import ROOT
 
 PIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==")
-LOCKS = {"requirements.lock": ("gpu",), "requirements-dev.lock": ("gpu", "dev")}
+# The dev lock also holds the optional extras the tests exercise (Ray Serve, the PostgreSQL driver).
+LOCKS = {"requirements.lock": ("gpu",), "requirements-dev.lock": ("gpu", "dev", "ray", "postgres")}
 
 
 @pytest.mark.parametrize("lock, extras", LOCKS.items())
