@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from tests.conftest import ROOT
@@ -205,5 +206,42 @@ def test_a_killed_replica_fails_only_its_job_and_the_next_requests_succeed(clust
     for n in range(2):
         _generate(cluster, results, f"after the crash {n}")
     assert [response.status_code for response in results] == [200, 200]
-    # The replacement takes the dead replica's name (its rank) and marks nothing of the others'.
-    wait_for(lambda: len(cluster.replica_pids()) == 2, timeout_s=120, interval_s=1)
+    # The replacement takes the dead replica's name (its rank), so it recovers only that replica's jobs.
+    def same_names() -> dict[str, int] | None:
+        try:
+            pids = cluster.replica_pids()
+        except (TimeoutError, ray.exceptions.RayError):  # the replacement is still starting
+            return None
+        return pids if set(pids) == set(cluster.pids) else None
+
+    replaced = wait_for(same_names, timeout_s=120, interval_s=1)
+    assert replaced[doomed_engine] != cluster.pids[doomed_engine]
+    cluster.pids = replaced
+
+
+def test_the_ingress_restarting_loses_no_finished_job(cluster: Cluster):
+    finished = cluster.http.post("/text2img", json={"prompt": "kept", "width": 64, "height": 64, "steps": 3,
+                                                    "seed": 11})
+    assert finished.status_code == 200
+    job_id, image = finished.json()["job_id"], finished.json()["images"][0]
+    ingress = [process for process in psutil.process_iter(["cmdline"])
+               if "ServeReplica:sdserve:Ingress" in " ".join(process.info["cmdline"] or ())]
+    assert len(ingress) == 1
+    ingress[0].send_signal(signal.SIGKILL)
+    wait_for(lambda: ingress[0].pid not in _ingress_pids(), timeout_s=30)
+    recorded = wait_for(lambda: _job_if_up(cluster, job_id), timeout_s=120, interval_s=0.5)
+    assert recorded["status"] == "succeeded"
+    assert recorded["result"]["images"] == [image]  # the same PNG, read back from the shared output folder
+
+
+def _ingress_pids() -> set[int]:
+    return {process.pid for process in psutil.process_iter(["cmdline"])
+            if "ServeReplica:sdserve:Ingress" in " ".join(process.info["cmdline"] or ())}
+
+
+def _job_if_up(cluster: Cluster, job_id: str) -> dict | None:
+    try:
+        response = cluster.http.get(f"/jobs/{job_id}")
+    except httpx.HTTPError:
+        return None
+    return response.json() if response.status_code == 200 else None
