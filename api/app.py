@@ -8,6 +8,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from api.compat import openai
+from api.compat.a1111 import A1111State
+from api.compat.openai import UrlSigner
+from api.compat.random_diffusion import RandomRuns
 from api.errors import register_error_handlers
 from api.observability import MetricsMiddleware, RequestIdMiddleware
 from api.routes import (
@@ -60,7 +64,13 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
         description="Stable Diffusion inference with a model registry. Images are base64 in JSON.",
         lifespan=lifespan,
     )
-    register_error_handlers(app)
+    # OpenAI's clients read errors as {"error": {...}}; every other route keeps {"detail": ...}.
+    register_error_handlers(app, shapes={"/v1/": openai.error_body})
+    # What compatibility surfaces keep between requests, per process: A1111's options, signed image links,
+    # seed 001's runs.
+    app.state.a1111 = A1111State()
+    app.state.url_signer = UrlSigner()
+    app.state.random_runs = RandomRuns()
     app.include_router(generation.router)
     app.include_router(jobs.router)
     app.include_router(images.router)
@@ -70,6 +80,7 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
     app.include_router(compat_seeds.router)
     app.include_router(compat_openai.router)
     app.include_router(compat_a1111.router)
+    app.include_router(compat_a1111.controlnet_router)
     app.include_router(observability.router)
     app.include_router(training.router)
     mount_page(app)

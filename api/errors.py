@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.errors import (
     AdapterNotFound,
@@ -62,7 +65,7 @@ async def _domain_error(request: Request, error: Exception) -> JSONResponse:
         body["known_models"] = error.known
     if status >= 500:
         logger.warning("%s %s -> %d: %s", request.method, request.url.path, status, error)
-    return JSONResponse(body, status_code=status, headers=headers)
+    return _respond(request, status, body, headers)
 
 
 def _describe(error: dict) -> str:
@@ -83,15 +86,37 @@ async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
     problems = [_describe(item) for item in error.errors()]
     errors = [{k: v for k, v in item.items() if k in ("loc", "msg", "type")} for item in error.errors()]
-    return JSONResponse({"detail": "; ".join(problems), "errors": errors}, status_code=422)
+    return _respond(request, 422, {"detail": "; ".join(problems), "errors": errors})
 
 
 async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return JSONResponse({"detail": "internal server error; see the server log"}, status_code=500)
+    return _respond(request, 500, {"detail": "internal server error; see the server log"})
 
 
-def register_error_handlers(app: FastAPI) -> None:
+async def _http_error(request: Request, error: Exception) -> JSONResponse:
+    """FastAPI's own answer to HTTPException (unknown route, wrong method, ...), through the same shaping."""
+    assert isinstance(error, StarletteHTTPException)
+    return _respond(request, error.status_code, {"detail": error.detail}, getattr(error, "headers", None))
+
+
+# A compatibility surface whose clients read errors in another shape: (status, native body) -> (status, body).
+ErrorShape = Callable[[int, dict[str, Any]], tuple[int, dict[str, Any]]]
+
+
+def _respond(request: Request, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+             ) -> JSONResponse:
+    for prefix, shape in getattr(request.app.state, "error_shapes", {}).items():
+        if request.url.path.startswith(prefix):
+            status, body = shape(status, body)
+            break
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def register_error_handlers(app: FastAPI, shapes: dict[str, ErrorShape] | None = None) -> None:
+    """One table for every route; `shapes` maps a path prefix to another error shape (OpenAI's for /v1/)."""
+    app.state.error_shapes = shapes or {}
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(SdserveError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected_error)

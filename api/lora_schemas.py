@@ -95,6 +95,9 @@ class ModelPipelineState(BaseModel):
     loaded_at: datetime
     loras: list[LoadedLora]
     applied_loras: list[AppliedLora] = Field(description="The adapters the last request on this model ran with.")
+    applied_controlnets: list[str] = Field(
+        default_factory=list, description="The ControlNets the last request on this model ran with (none: [])."
+    )
 
     @classmethod
     def from_domain(cls, state: ModelState) -> ModelPipelineState:
@@ -106,6 +109,7 @@ class ModelPipelineState(BaseModel):
             loaded_at=datetime.fromtimestamp(state.loaded_at, tz=timezone.utc),
             loras=[LoadedLora.from_domain(state.name, info) for info in state.loras],
             applied_loras=[AppliedLora(adapter_name=name, scale=scale) for name, scale in state.applied_loras],
+            applied_controlnets=list(state.applied_controlnets),
         )
 
 
@@ -114,6 +118,10 @@ class PipelineState(BaseModel):
     scheduler: str | None = Field(description="Scheduler of its text2img pipeline after the last request.")
     derived_pipelines: list[str] = Field(description="Its task pipelines derived from the base (img2img, ...).")
     loaded_adapters: list[str] = Field(description="Adapter names loaded into it.")
+    controlnet_attached: bool = Field(
+        False, description="Seed 003's question: did its last generation run with a ControlNet attached?"
+    )
+    controlnets: list[str] = Field(default_factory=list, description="Which ControlNets (several: multi-ControlNet).")
     device: str
     dtype: str
     attention: str
@@ -130,6 +138,8 @@ class PipelineState(BaseModel):
             scheduler=text2img.scheduler if text2img else None,
             derived_pipelines=[p.task for p in current.pipelines if p.task != "text2img"] if current else [],
             loaded_adapters=[lora.adapter_name for lora in current.loras] if current else [],
+            controlnet_attached=bool(current and current.applied_controlnets),
+            controlnets=list(current.applied_controlnets) if current else [],
             device=str(device["device"]),
             dtype=str(device["dtype"]),
             attention=str(device["attention"]),

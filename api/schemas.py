@@ -10,9 +10,20 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from api.controlnet_schemas import ControlNetBody, ControlNetUsed
 from api.images import Base64Image, OutputFormat
+from models.errors import InvalidRequest
 from models.registry import ModelKind, RegistryEntry
 from models.sources import NAME_PATTERN
-from models.types import MAX_SEED, ActiveLora, GenerationRequest, JobOptions, JobSnapshot, LoraSpec, Task
+from models.types import (
+    MAX_SEED,
+    ActiveLora,
+    GenerationRequest,
+    HiresFix,
+    HiresUpscaler,
+    JobOptions,
+    JobSnapshot,
+    LoraSpec,
+    Task,
+)
 
 
 class LoraBody(BaseModel):
@@ -55,6 +66,40 @@ class LoraUsed(BaseModel):
                    trigger_words=list(lora.trigger_words))
 
 
+class HiresBody(BaseModel):
+    """Hires fix: the first pass at the request's size, an upscale, then img2img at the larger size."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scale: float | None = Field(
+        None, gt=1, le=8, description="Upscale factor of the request's width and height (which it then needs); "
+        "the result is rounded down to multiples of 8.",
+    )
+    width: int | None = Field(None, ge=64, multiple_of=8, description="Final width (instead of scale).")
+    height: int | None = Field(None, ge=64, multiple_of=8, description="Final height (instead of scale).")
+    upscaler: HiresUpscaler = Field(
+        "latent", description="latent (bilinear on the latents), latent-nearest, lanczos or nearest (on the image)."
+    )
+    steps: int | None = Field(None, ge=1, description="Steps of the second pass; default: the request's steps.")
+    strength: float = Field(0.7, gt=0, le=1, description="How far the second pass moves from the upscaled image.")
+
+    @model_validator(mode="after")
+    def _size_or_scale(self) -> HiresBody:
+        if self.scale is None and (self.width is None or self.height is None):
+            raise ValueError("hires needs a scale, or both width and height")
+        return self
+
+    def to_domain(self, width: int | None, height: int | None) -> HiresFix:
+        if self.width is not None and self.height is not None:
+            return HiresFix(self.width, self.height, self.upscaler, self.steps, self.strength)
+        if width is None or height is None:
+            raise InvalidRequest("hires.scale needs the request's width and height (or give hires.width and "
+                                 "hires.height)")
+        assert self.scale is not None
+        scaled = (int(width * self.scale) // 8 * 8, int(height * self.scale) // 8 * 8)
+        return HiresFix(*scaled, self.upscaler, self.steps, self.strength)
+
+
 class GenerationBody(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
 
@@ -93,10 +138,19 @@ class GenerationBody(BaseModel):
         None, description="Save the images as PNG with their parameters and list them in GET /images; "
         "default SDSERVE_SAVE_IMAGES.",
     )
-    controlnet: ControlNetBody | None = Field(
+    controlnet: list[ControlNetBody] | None = Field(
         None, description='A ControlNet steering the image: {"name": "demo-controlnet", "image": "<base64>", '
-        '"scale": 1.0}. None: no ControlNet.',
+        '"scale": 1.0}, or a list of them, each with its own image (multi-ControlNet). None: no ControlNet.',
     )
+    hires: HiresBody | None = Field(
+        None, description='A second pass at a larger size (A1111\'s hires fix, text2img only): {"scale": 2} or '
+        '{"width": 1024, "height": 1024}, "upscaler", "steps", "strength". None: one pass.',
+    )
+
+    @field_validator("controlnet", mode="before")
+    @classmethod
+    def _one_controlnet(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
 
     @field_validator("seed")
     @classmethod
@@ -124,7 +178,8 @@ class GenerationBody(BaseModel):
             image=getattr(self, "image", None),
             mask_image=getattr(self, "mask_image", None),
             loras=tuple(lora.to_domain() for lora in self.loras),
-            controlnet=self.controlnet.to_spec() if self.controlnet else None,
+            controlnets=tuple(control.to_spec() for control in self.controlnet or ()),
+            hires=self.hires.to_domain(self.width, self.height) if self.hires else None,
         )
 
     def options(self, source: str) -> JobOptions:
@@ -165,7 +220,11 @@ class Parameters(BaseModel):
     seed: int
     output_format: OutputFormat
     loras: list[LoraUsed] = Field(default_factory=list, description="The LoRAs used, with their resolved scales.")
-    controlnet: ControlNetUsed | None = Field(None, description="The ControlNet used, if any, with its scale.")
+    controlnet: ControlNetUsed | list[ControlNetUsed] | None = Field(
+        None, description="The ControlNet used, if any, with its scale (a list when the request named several)."
+    )
+    hires: HiresBody | None = Field(None, description="The hires fix, if any; width and height are its final size.")
+    stopped_at_step: int | None = Field(None, description="Finished early at this step (A1111's interrupt).")
 
 
 class GenerationResponse(BaseModel):
@@ -197,7 +256,10 @@ class GenerationResponse(BaseModel):
             seed=result.seeds[0],
             output_format=job.options.output_format,  # type: ignore[arg-type]
             loras=[LoraUsed.from_domain(lora) for lora in result.loras],
-            controlnet=ControlNetUsed.from_domain(result.controlnet),
+            controlnet=ControlNetUsed.echo(result.controlnets),
+            hires=HiresBody(width=result.hires.width, height=result.hires.height, upscaler=result.hires.upscaler,
+                            steps=result.hires.steps, strength=result.hires.strength) if result.hires else None,
+            stopped_at_step=result.stopped_at_step,
         )
         return cls(images=images, seeds=result.seeds, model=result.model, parameters=parameters,
                    timings=timings, job_id=job.id, cached=job.cached)

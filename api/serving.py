@@ -14,6 +14,7 @@ import functools
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
 from fastapi import Request
@@ -30,16 +31,57 @@ R = TypeVar("R")
 ANSWERS_KEPT = 16
 
 
-async def generate(engine: EngineClient, body: GenerationBody, source: str) -> JobSnapshot:
+async def generate(
+    engine: EngineClient, body: GenerationBody, source: str, on_submitted: Callable[[str], None] | None = None
+) -> JobSnapshot:
     """Queue a native body and wait for its result (the job's error is raised as is). When the waiting request is
-    cancelled (its client went away, see `cancel_on_disconnect`), the job is cancelled too."""
+    cancelled (its client went away, see `cancel_on_disconnect`), the job is cancelled too. `on_submitted` hears
+    the job's id as soon as it is queued."""
     job = await engine.submit(body.to_domain(), body.options(source))
+    if on_submitted is not None:
+        on_submitted(job.id)
     try:
         return await engine.wait(job.id)
     except asyncio.CancelledError:
         with contextlib.suppress(SdserveError):  # it may have finished meanwhile
             await engine.cancel(job.id)
         raise
+
+
+@dataclass
+class BatchRun:
+    """A request that runs as several jobs one after another: the job running now, and whether to stop before
+    the next one (A1111's interrupt)."""
+
+    source: str
+    job_id: str | None = None
+    stopped: bool = False
+    job_ids: list[str] = field(default_factory=list)
+
+    def submitted(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.job_ids.append(job_id)
+
+
+async def generate_in_batches(
+    engine: EngineClient, body: GenerationBody, source: str, batch_size: int, run: BatchRun | None = None
+) -> list[JobSnapshot]:
+    """`body.number_of_images` images as jobs of at most `batch_size` each, one after another, with the seeds one
+    job of them all would use (seed + i; the seed the first job drew when none was given). Stops early when
+    `run.stopped` is set; at least the first job runs."""
+    run = run or BatchRun(source)
+    jobs: list[JobSnapshot] = []
+    total, seed = body.number_of_images, body.seed
+    while sum(len(job.result.seeds) for job in jobs if job.result) < total and not (jobs and run.stopped):
+        done = sum(len(job.result.seeds) for job in jobs if job.result)
+        batch = body.model_copy(update={"number_of_images": min(batch_size, total - done),
+                                        "seed": None if seed is None else seed + done})
+        job = await generate(engine, batch, source, run.submitted)
+        assert job.result is not None
+        if seed is None:
+            seed = job.result.seeds[0]
+        jobs.append(job)
+    return jobs
 
 
 def cancel_on_disconnect(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:

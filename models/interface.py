@@ -54,6 +54,15 @@ class EngineClient(Protocol):
         """Cancel a queued job at once, or a running one at its next step (waiting up to `wait_s` for it to stop);
         raises JobFinished, JobNotFound."""
 
+    async def stop_early(self, job_id: str) -> JobSnapshot:
+        """Finish a running job at its next step with the images as they are (A1111's interrupt): it succeeds,
+        its result's `stopped_at_step` says where it stopped. A queued job is cancelled. Raises JobFinished,
+        JobNotFound."""
+
+    async def saved_image_ids(self, job_id: str, timeout_s: float = 30.0) -> tuple[str, ...]:
+        """The ids of a succeeded job's saved image files (GET /images/{id}), once they are written (waits up to
+        `timeout_s`); empty when its images are not saved."""
+
     async def job(self, job_id: str, with_result: bool = True) -> JobSnapshot:
         """A live or recorded job; raises JobNotFound."""
 

@@ -147,6 +147,28 @@ class LocalEngine:
             await asyncio.wait_for(_finished(job), wait_s)
         return self._snapshot(job)
 
+    async def stop_early(self, job_id: str) -> JobSnapshot:
+        job = self.worker.job(job_id)
+        if job is None:
+            recorded = await self.job(job_id, with_result=False)
+            raise JobFinished(f"job {job_id} is already {recorded.status.value}; nothing to stop")
+        if job.done:
+            raise JobFinished(f"job {job_id} is already {job.status.value}; nothing to stop")
+        self.worker.stop_early(job_id)
+        return self._snapshot(job, with_result=False)
+
+    async def saved_image_ids(self, job_id: str, timeout_s: float = 30.0) -> tuple[str, ...]:
+        job = self.worker.job(job_id)
+        if job is None:
+            return (await self.job(job_id, with_result=False)).image_ids
+        if not job.done or job.status is not JobStatus.succeeded or not self.recorder.saves(job):
+            return ()
+        # The recorder thread writes the files just after the job finished: wait for it, off the event loop.
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not job.image_ids and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        return job.image_ids
+
     async def job(self, job_id: str, with_result: bool = True) -> JobSnapshot:
         job = self.worker.job(job_id)
         if job is not None:
@@ -206,7 +228,8 @@ class LocalEngine:
         if not event.terminal:
             return
         key = self._cache_keys.pop(job.id, None)
-        if key and event.kind == "done" and job.result is not None:
+        # A job finished early (A1111's interrupt) made other pixels than its request asks for: not cached.
+        if key and event.kind == "done" and job.result is not None and job.result.stopped_at_step is None:
             self.results.put(key, job.result)
 
     # -- saved images -------------------------------------------------------------------------------------------------

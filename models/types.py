@@ -57,11 +57,39 @@ class LoraSpec:
 
 @dataclass(frozen=True)
 class ControlNetSpec:
-    """A ControlNet for one generation and its conditioning image (edges, depth, pose, ...)."""
+    """A ControlNet for one generation and its conditioning image (edges, depth, pose, ...).
+
+    It steers the steps from `guidance_start` to `guidance_end` (fractions of the run). `guess_mode` runs it on the
+    conditional half of classifier-free guidance only, its residuals scaled down towards the shallow blocks
+    (diffusers' guess mode; the A1111 extension's "ControlNet is more important")."""
 
     name: str
     image: Image.Image = field(repr=False)
     scale: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    guess_mode: bool = False
+
+
+HiresUpscaler = Literal["latent", "latent-antialiased", "latent-bicubic", "latent-bicubic-antialiased",
+                        "latent-nearest", "latent-nearest-exact", "lanczos", "nearest"]
+HIRES_UPSCALERS: tuple[HiresUpscaler, ...] = ("latent", "latent-antialiased", "latent-bicubic",
+                                              "latent-bicubic-antialiased", "latent-nearest", "latent-nearest-exact",
+                                              "lanczos", "nearest")
+
+
+@dataclass(frozen=True)
+class HiresFix:
+    """A second pass at a larger size (A1111's "hires fix"): the first pass at the request's size, an upscale of
+    its latents (`latent`: bilinear; bicubic, nearest, antialiased variants) or of its image (`lanczos`, `nearest`)
+    to width x height,
+    then img2img at that size with `strength` over `steps` steps (None: the request's steps)."""
+
+    width: int
+    height: int
+    upscaler: HiresUpscaler = "latent"
+    steps: int | None = None
+    strength: float = 0.7
 
 
 @dataclass(frozen=True)
@@ -83,7 +111,13 @@ class GenerationRequest:
     image: Image.Image | None = field(default=None, repr=False)
     mask_image: Image.Image | None = field(default=None, repr=False)
     loras: tuple[LoraSpec, ...] = ()
-    controlnet: ControlNetSpec | None = None
+    controlnets: tuple[ControlNetSpec, ...] = ()  # several: diffusers' multi-ControlNet, one image each
+    hires: HiresFix | None = None
+
+    @property
+    def controlnet(self) -> ControlNetSpec | None:
+        """The first ControlNet (most requests have at most one)."""
+        return self.controlnets[0] if self.controlnets else None
 
 
 @dataclass(frozen=True)
@@ -112,6 +146,9 @@ class ActiveLora:
 class ControlNetUse:
     name: str
     scale: float
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    guess_mode: bool = False
 
 
 @dataclass(frozen=True)
@@ -131,9 +168,17 @@ class GenerationResult:
     scheduler: str  # the request's scheduler name, else the model's own scheduler class
     scheduler_name: str | None  # the request's scheduler name (None: the model's own), to ask for it again
     loras: tuple[ActiveLora, ...] = ()
-    controlnet: ControlNetUse | None = None
+    controlnets: tuple[ControlNetUse, ...] = ()
     model_sha256: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    hires: HiresFix | None = None  # width and height above are the final (upscaled) size
+    first_pass_size: tuple[int, int] | None = None  # with hires: the size of the first pass
+    stopped_at_step: int | None = None  # asked to finish early (A1111's interrupt): the image of this step
+    peak_memory_mb: float | None = None  # device memory (CUDA) or the process's resident peak (CPU)
+
+    @property
+    def controlnet(self) -> ControlNetUse | None:
+        return self.controlnets[0] if self.controlnets else None
 
 
 # -- jobs as a client sees them -------------------------------------------------------------------------------------
@@ -259,6 +304,7 @@ class ModelState:
     loaded_at: float
     loras: tuple[LoraInfo, ...] = ()
     applied_loras: tuple[tuple[str, float], ...] = ()
+    applied_controlnets: tuple[str, ...] = ()  # the ControlNets the last request on this model ran with
 
 
 @dataclass(frozen=True)

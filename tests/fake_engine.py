@@ -22,6 +22,7 @@ from models.errors import ImageNotFound, JobCancelled, JobFinished, JobNotFound,
 from models.registry import RegistryEntry
 from models.types import (
     ControlNetInfo,
+    ControlNetUse,
     EngineHealth,
     EngineState,
     GenerationRequest,
@@ -44,6 +45,7 @@ class _FakeJob:
     request: GenerationRequest
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     cancel_requested: bool = False
+    stopped_early: bool = False
 
 
 class FakeEngine:
@@ -109,6 +111,23 @@ class FakeEngine:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(job.finished.wait(), wait_s)
         return job.snapshot
+
+    async def stop_early(self, job_id: str) -> JobSnapshot:
+        """Like the real engine: the job still succeeds, its result says where it stopped (step 1 here)."""
+        job = self._get(job_id)
+        if job.snapshot.status.finished:
+            raise JobFinished(f"job {job_id} is already {job.snapshot.status.value}; nothing to stop")
+        job.stopped_early = True
+        if self.gate is not None:
+            self.gate.set()
+        return job.snapshot
+
+    async def saved_image_ids(self, job_id: str, timeout_s: float = 30.0) -> tuple[str, ...]:
+        """Made-up ids for a job that asked to save its images (the fake writes no files)."""
+        job = self._get(job_id)
+        if not job.snapshot.options.save or job.snapshot.result is None:
+            return ()
+        return tuple(f"{job_id[:24]}{index:08x}" for index in range(len(job.snapshot.result.images)))
 
     async def job(self, job_id: str, with_result: bool = True) -> JobSnapshot:
         snapshot = self._get(job_id).snapshot
@@ -194,11 +213,17 @@ class FakeEngine:
 def _result(job: _FakeJob) -> GenerationResult:
     request = job.request
     width, height = request.width or 64, request.height or 64
+    if request.hires is not None:
+        width, height = request.hires.width, request.hires.height
     assert request.seed is not None
     seeds = [request.seed + index for index in range(request.num_images)]
     return GenerationResult(
         images=[Image.new("RGB", (width, height), (seed % 256,) * 3) for seed in seeds], seeds=seeds,
         model=job.snapshot.model, prompt=request.prompt, negative_prompt=request.negative_prompt, width=width,
         height=height, steps=request.steps, guidance_scale=request.guidance_scale, strength=request.strength,
-        scheduler=request.scheduler or "FakeScheduler", scheduler_name=request.scheduler,
+        scheduler=request.scheduler or "FakeScheduler", scheduler_name=request.scheduler, hires=request.hires,
+        first_pass_size=(request.width or 64, request.height or 64) if request.hires else None,
+        stopped_at_step=1 if job.stopped_early else None,
+        controlnets=tuple(ControlNetUse(c.name, c.scale, c.guidance_start, c.guidance_end, c.guess_mode)
+                          for c in request.controlnets),
     )

@@ -64,9 +64,9 @@ def test_openai_generations(client):
     data = response.json()["data"]
     assert len(data) == 2 and from_b64(data[0]["b64_json"]).size == (128, 64)
     as_url = client.post("/v1/images/generations", json={**body, "n": 1, "response_format": "url"}).json()
-    assert as_url["data"][0]["url"].startswith("data:image/png;base64,")
+    assert as_url["data"][0]["url"].startswith("http://testserver/v1/images/files/")
     bad = client.post("/v1/images/generations", json={**body, "size": "big"})
-    assert bad.status_code == 422 and "WIDTHxHEIGHT" in bad.json()["detail"]
+    assert bad.status_code == 400 and "WIDTHxHEIGHT" in bad.json()["error"]["message"]  # OpenAI's error shape
 
 
 def test_openai_edit_with_transparent_mask_keeps_opaque_area(client):
@@ -83,7 +83,7 @@ def test_openai_edit_with_transparent_mask_keeps_opaque_area(client):
     assert np.abs(result[:, :28] - pixels(source)[:, :28]).mean() < 2
     assert np.abs(result[:, 36:] - pixels(source)[:, 36:]).mean() > 10
     not_image = client.post("/v1/images/edits", data={"prompt": "x"}, files={"image": ("i.png", b"nope", "image/png")})
-    assert not_image.status_code == 422
+    assert not_image.status_code == 400 and not_image.json()["error"]["param"] == "image"
 
 
 def test_a1111_txt2img_matches_native_and_reports_seeds(client):
@@ -141,6 +141,11 @@ def test_a1111_progress_and_interrupt_a_running_job(client):
     assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] == 150
     assert client.post("/sdapi/v1/interrupt").json()["interrupted"]
     thread.join(30)
-    assert results["response"].status_code == 409
+    # As A1111 does: the interrupted request answers with the image as it was when it stopped.
+    answer = results["response"]
+    assert answer.status_code == 200, answer.text
+    info = json.loads(answer.json()["info"])
+    assert info["interrupted"] is True and "Interrupted at step" in info["infotexts"][0]
+    assert from_b64(answer.json()["images"][0]).size == (512, 512)
     small = {"prompt": "x", "steps": 2, "width": 64, "height": 64}
     assert client.post("/sdapi/v1/txt2img", json=small).status_code == 200

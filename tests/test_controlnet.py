@@ -35,7 +35,8 @@ def image_bytes(answer: dict) -> bytes:
 def test_controlnet_changes_the_image_and_scale_zero_does_not(client: TestClient) -> None:
     plain = text2img(client)
     steered = text2img(client, controlnet={"name": "demo-controlnet", "image": CONTROL})
-    assert steered["parameters"]["controlnet"] == {"name": "demo-controlnet", "scale": 1.0}
+    assert steered["parameters"]["controlnet"] == {"name": "demo-controlnet", "scale": 1.0, "guidance_start": 0.0,
+                                                   "guidance_end": 1.0, "guess_mode": False}
     assert plain["parameters"]["controlnet"] is None
     difference = np.abs(np.asarray(from_b64(plain["images"][0]), float)
                         - np.asarray(from_b64(steered["images"][0]), float)).mean()
@@ -55,7 +56,7 @@ def test_controlnet_pipeline_shares_the_base_components(client: TestClient) -> N
     cache = client.app.state.engine.cache
 
     def inspect(cache):
-        pipeline, model = cache.get("demo", "text2img", controlnet="demo-controlnet")
+        pipeline, model = cache.get("demo", "text2img", controlnets=("demo-controlnet",))
         return (type(pipeline).__name__, pipeline.unet is model.base.unet, pipeline.vae is model.base.vae,
                 pipeline.text_encoder is model.base.text_encoder)
 
@@ -106,7 +107,7 @@ def test_controlnet_errors_leave_the_server_as_it_was(client: TestClient, settin
     bad_image = client.post("/text2img", json={"prompt": "x", "controlnet": {"name": "demo-controlnet",
                                                                              "image": "bm90IGFuIGltYWdl"}})
     assert bad_image.status_code == 422
-    assert "controlnet.image" in bad_image.json()["detail"]
+    assert "controlnet.0.image" in bad_image.json()["detail"]  # one ControlNet is a list of one
 
     # A ControlNet made for another UNet (wider text embeddings): a clear 422, nothing kept loaded.
     folder = settings.output_dir / "other-controlnet"
@@ -188,10 +189,32 @@ def test_deriving_keeps_the_shared_weights_in_the_server_dtype(settings: Setting
     half = settings.model_copy(update={"dtype": "bfloat16"})
     registry = Registry(half.registry_path)
     cache = PipelineCache(half, registry, select_device(half))
-    pipeline, model = cache.get("demo", "text2img", controlnet="demo-controlnet")
+    pipeline, model = cache.get("demo", "text2img", controlnets=("demo-controlnet",))
     assert pipeline.unet is model.base.unet
     assert model.base.unet.dtype == pipeline.controlnet.dtype == torch.bfloat16
-    again, _ = cache.get("demo", "text2img", controlnet="demo-controlnet")
+    again, _ = cache.get("demo", "text2img", controlnets=("demo-controlnet",))
     assert again is pipeline, "the derived pipeline is kept, not rebuilt per request"
     assert cache.controlnets.unload("demo-controlnet")
-    assert cache.get("demo", "text2img", controlnet="demo-controlnet")[0] is not pipeline
+    assert cache.get("demo", "text2img", controlnets=("demo-controlnet",))[0] is not pipeline
+
+
+def test_several_controlnets_run_as_one_multi_controlnet_on_the_base(client: TestClient) -> None:
+    client.post("/models", json={"name": "cn-two", "kind": "controlnet", "source": "demo:controlnet-tiny"})
+    one = text2img(client, controlnet={"name": "demo-controlnet", "image": CONTROL})
+    other = to_b64(gradient_image(64, 64))
+    both = text2img(client, controlnet=[{"name": "demo-controlnet", "image": CONTROL},
+                                        {"name": "cn-two", "image": other, "scale": 0.5}])
+    assert [c["name"] for c in both["parameters"]["controlnet"]] == ["demo-controlnet", "cn-two"]
+    assert image_bytes(both) != image_bytes(one)
+    # The second at scale 0 adds nothing: the same pixels as the first alone.
+    zero = text2img(client, controlnet=[{"name": "demo-controlnet", "image": CONTROL},
+                                        {"name": "cn-two", "image": other, "scale": 0}])
+    assert image_bytes(zero) == image_bytes(one)
+    state = client.get("/pipeline-state/").json()
+    assert state["controlnet_attached"] and state["controlnets"] == ["demo-controlnet", "cn-two"]
+
+    def inspect(cache):
+        pipeline, model = cache.get("demo", "text2img", controlnets=("demo-controlnet", "cn-two"))
+        return type(pipeline.controlnet).__name__, pipeline.unet is model.base.unet, len(pipeline.controlnet.nets)
+
+    assert client.app.state.engine.worker.call(inspect).result(30) == ("MultiControlNetModel", True, 2)

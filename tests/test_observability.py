@@ -12,6 +12,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from models import system_stats
+from tests.utils import StepGate
 
 FAST = {"steps": 3, "width": 64, "height": 64}
 
@@ -125,17 +126,15 @@ def test_metrics_count_jobs_steps_and_model_loads(client):
 
 def test_metrics_show_queue_depth_running_and_cancelled_jobs(client):
     before = scrape(client)
-    slow = {"task": "text2img", "prompt": "slow", "steps": 150, "width": 256, "height": 256}
+    gate = StepGate(client, "slow")
+    slow = {"task": "text2img", "prompt": "slow", "steps": 20, "width": 64, "height": 64}
     running = client.post("/jobs", json=slow).json()["id"]
-    waiting = client.post("/jobs", json=slow).json()["id"]
-    deadline = time.monotonic() + 60
-    while client.get(f"/jobs/{running}").json()["status"] != "running" and time.monotonic() < deadline:
-        time.sleep(0.05)
+    gate.wait_reached()
+    # Other steps: it cannot join the running job's batch, so it waits in the queue.
+    waiting = client.post("/jobs", json={**slow, "steps": 21}).json()["id"]
     during = scrape(client)
     for job_id in (waiting, running):
-        assert client.delete(f"/jobs/{job_id}").status_code in (200, 202)
-    while client.get(f"/jobs/{running}").json()["status"] == "running" and time.monotonic() < deadline:
-        time.sleep(0.05)
+        assert client.delete(f"/jobs/{job_id}").status_code == 200
     after = scrape(client)
     assert value(during, "sdserve_queue_depth") == 1
     assert value(during, "sdserve_jobs_running") == 1

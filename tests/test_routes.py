@@ -63,21 +63,23 @@ def test_a1111_translates_samplers_lora_tags_batches_and_model_titles(fake_clien
     answer = fake_client.post("/sdapi/v1/txt2img", json=body)
     assert answer.status_code == 200, answer.text
     assert len(answer.json()["images"]) == 4
-    request = engine.submitted[0]
+    request = engine.submitted[0]  # n_iter 2: one job per iteration of batch_size images, as A1111 runs them
     assert (request.prompt, request.scheduler, request.num_images, request.model) == (
-        "a fox", "dpmpp_2m_karras", 4, "other")
+        "a fox", "dpmpp_2m_karras", 2, "other")
+    assert [(r.seed, r.num_images) for r in engine.submitted] == [(3, 2), (5, 2)]
     assert request.loras == (LoraSpec("ink", scale=0.5),)
 
 
-def test_openai_sizes_models_and_data_urls(fake_client, engine):
+def test_openai_sizes_models_and_urls(fake_client, engine):
     answer = fake_client.post("/v1/images/generations",
                               json={"prompt": "a fox", "size": "96x64", "model": "dall-e-3", "n": 2,
                                     "response_format": "url"})
     assert answer.status_code == 200, answer.text
-    assert all(item["url"].startswith("data:image/png;base64,") for item in answer.json()["data"])
+    urls = [item["url"] for item in answer.json()["data"]]
+    assert len(urls) == 2 and all(url.startswith("http://testserver/v1/images/files/") for url in urls)
     request = engine.submitted[0]
     assert (request.width, request.height, request.model, request.num_images) == (96, 64, None, 2)
-    assert fake_client.post("/v1/images/generations", json={"prompt": "x", "size": "big"}).status_code == 422
+    assert fake_client.post("/v1/images/generations", json={"prompt": "x", "size": "big"}).status_code == 400
 
 
 def test_seed_000_form_sentinels_and_seed_004_batches(fake_client, engine):

@@ -3,7 +3,10 @@
 - Seed 000: a form posted to /submit (strings "null" for "not given", two LoRA slots); one PNG back.
 - Seed 003: /generate-image/ (a form, an optional control image; LoRAs and ControlNets loaded ahead with
   /load-lora/ and /load-controlnet/ apply to every generation after); one PNG back.
-- Seed 004: /imagine with optimizedSD's names; a PNG stream or a JSON array of base64 images.
+- Seed 004: /imagine with optimizedSD's names; a PNG stream or a JSON array of base64 images. n_iter iterations
+  of n_samples images each run as one job per iteration (so 2 x 5 works within SDSERVE_MAX_IMAGES).
+- Seed 002: its README posts to /generate/; that is /text2img.
+- Seed 001: its random diffusion is in api/compat/random_diffusion.py.
 """
 
 from __future__ import annotations
@@ -12,14 +15,14 @@ from typing import Any, Literal
 
 from fastapi import Response
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from api.compat.shared import build_body, none_if_sentinel, png_response_body, resolve_model_alias
 from api.controlnet_schemas import LoadedControlNet
-from api.images import encode_image, encode_images
+from api.images import Base64Image, encode_image, encode_images
 from api.lora_schemas import LoadedLora, LoadLoraBody
-from api.schemas import GenerationBody, Text2ImgBody
+from api.schemas import GenerationBody, Img2ImgBody, Text2ImgBody
 from models.errors import InvalidRequest
 from models.registry import RegistryEntry
 from models.sources import ADAPTER_NAME_PATTERN
@@ -140,9 +143,9 @@ class UnloadControlNetResponse(BaseModel):
 
 # -- seed 004 -------------------------------------------------------------------------------------------------------
 class ImagineBody(BaseModel):
-    """Seed 004's request: the optimizedSD names."""
+    """Seed 004's request: the optimizedSD names (its txt2img, and its img2img with an init image)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", arbitrary_types_allowed=True, populate_by_name=True)
 
     prompt: str
     H: int = Field(512, description="height")
@@ -152,17 +155,25 @@ class ImagineBody(BaseModel):
     n_iter: int = Field(1, ge=1, description="iterations")
     scale: float = Field(7.5, description="guidance scale")
     seed: int | None = Field(None, ge=-1, le=MAX_SEED)
+    init_img: Base64Image | None = Field(
+        None, validation_alias=AliasChoices("init_img", "init_image", "image"),
+        description="Start from this image (optimizedSD's img2img); its size unless H and W are sent.",
+    )
+    strength: float = Field(0.75, gt=0, le=1, description="img2img: how far to move from init_img.")
 
     def to_native(self) -> GenerationBody:
-        return build_body(
-            Text2ImgBody, prompt=self.prompt, width=self.W, height=self.H, steps=self.ddim_steps,
-            number_of_images=self.n_samples * self.n_iter, cfg_scale=self.scale, seed=self.seed,
-        )
+        common: dict[str, Any] = {"prompt": self.prompt, "steps": self.ddim_steps, "cfg_scale": self.scale,
+                                  "number_of_images": self.n_samples * self.n_iter, "seed": self.seed}
+        if self.init_img is not None:
+            sent = self.model_fields_set
+            size = {"width": self.W, "height": self.H} if {"W", "H"} & sent else {}
+            return build_body(Img2ImgBody, image=self.init_img, strength=self.strength, **common, **size)
+        return build_body(Text2ImgBody, width=self.W, height=self.H, **common)
 
 
-async def imagine_answer(job: JobSnapshot, accept: str) -> Response | list[str]:
-    """A PNG when the client accepts image/png, else the JSON array of base64 PNGs."""
-    assert job.result is not None
+async def imagine_answer(jobs: list[JobSnapshot], accept: str) -> Response | list[str]:
+    """A PNG when the client accepts image/png, else the JSON array of base64 PNGs (every iteration's)."""
     if "image/png" in accept:
-        return await png_answer(job)
-    return await run_in_threadpool(encode_images, job.result.images, "png")
+        return await png_answer(jobs[0])
+    images = [image for job in jobs if job.result for image in job.result.images]
+    return await run_in_threadpool(encode_images, images, "png")

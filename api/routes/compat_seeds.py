@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 
-from api.compat import seeds
+from api.compat import random_diffusion, seeds
+from api.compat.random_diffusion import RandomDiffusionBody, RandomDiffusionResult, RandomRuns
 from api.compat.seeds import (
     ActiveControlNets,
     ImagineBody,
@@ -22,9 +25,19 @@ from api.compat.shared import build_body, request_fields, upload_image
 from api.controlnet_schemas import LoadedControlNet
 from api.deps import EngineDep, SettingsDep
 from api.lora_schemas import LoadedLora
-from api.serving import cancel_on_disconnect, generate
+from api.schemas import GenerationResponse, Text2ImgBody
+from api.serving import answer_generation, cancel_on_disconnect, generate, generate_in_batches
+from models.errors import SdserveError
+from models.interface import EngineClient
 
 router = APIRouter(tags=["compatibility: earlier servers"])
+
+
+def get_runs(request: Request) -> RandomRuns:
+    return request.app.state.random_runs
+
+
+RunsDep = Annotated[RandomRuns, Depends(get_runs)]
 
 
 @router.post("/submit", response_class=Response, summary="Seed 000's form: one PNG back")
@@ -54,8 +67,64 @@ async def submit(
 @router.post("/imagine", summary="Seed 004: a PNG stream (Accept: image/png) or a JSON array of base64 images")
 @cancel_on_disconnect
 async def imagine(body: ImagineBody, request: Request, engine: EngineDep) -> Any:
-    job = await generate(engine, body.to_native(), request.url.path)
-    return await seeds.imagine_answer(job, request.headers.get("accept", ""))
+    # Each iteration its own batch, as optimizedSD runs them: n_samples x n_iter may exceed SDSERVE_MAX_IMAGES.
+    jobs = await generate_in_batches(engine, body.to_native(), request.url.path, body.n_samples)
+    return await seeds.imagine_answer(jobs, request.headers.get("accept", ""))
+
+
+@router.post("/generate/", response_model=GenerationResponse, summary="Seed 002's README example: /text2img")
+@router.post("/generate", response_model=GenerationResponse, include_in_schema=False)
+@cancel_on_disconnect
+async def generate_seed_002(body: Text2ImgBody, request: Request, engine: EngineDep) -> GenerationResponse:
+    return await answer_generation(engine, body, request.url.path)
+
+
+@router.post(f"{random_diffusion.ROUTE}/initialize_diffusion/", response_model=RandomDiffusionResult,
+             summary="Seed 001: random prompts x random models, with the results table",
+             responses={202: {"description": "wait: false: the run is queued; follow it at links.self"}})
+@router.post(f"{random_diffusion.ROUTE}/initialize_diffusion", response_model=RandomDiffusionResult,
+             include_in_schema=False)
+@cancel_on_disconnect
+async def initialize_diffusion(body: RandomDiffusionBody, request: Request, response: Response, engine: EngineDep,
+                               runs: RunsDep) -> RandomDiffusionResult:
+    run = random_diffusion.plan(body, await engine.registry())
+    runs.add(run)
+    run.task = asyncio.create_task(_execute(engine, run, request.url.path))
+    run.task.add_done_callback(lambda task: task.cancelled() or task.exception())  # kept in run.error
+    if not body.wait:
+        response.status_code = 202
+        response.headers["Location"] = f"{random_diffusion.ROUTE}/runs/{run.id}"
+        return run.result()
+    try:
+        await asyncio.shield(run.task)
+    except asyncio.CancelledError:
+        run.task.cancel()  # the client went away: so does its run
+        raise
+    return run.result()
+
+
+@router.get(f"{random_diffusion.ROUTE}/runs/{{run_id}}", response_model=RandomDiffusionResult,
+            summary="Seed 001: a random diffusion run, its outputs so far and the job running now")
+async def random_diffusion_run(run_id: str, runs: RunsDep) -> RandomDiffusionResult:
+    return runs.get(run_id).result()
+
+
+async def _execute(engine: EngineClient, run: random_diffusion.Run, source: str) -> None:
+    """The run's jobs, one after another (each queued, recorded and followable as any job)."""
+    try:
+        for output, body in zip(run.outputs, run.bodies, strict=True):
+            started = time.perf_counter()
+            output.status = "running"
+            job = await generate(engine, body, source, lambda job_id, output=output: setattr(output, "job_id", job_id))
+            peak = random_diffusion.record(output, job, await engine.saved_image_ids(job.id),
+                                           time.perf_counter() - started)
+            run.peak_mb = max(filter(None, (run.peak_mb, peak)), default=None)
+        run.status = "succeeded"
+    except (SdserveError, asyncio.CancelledError) as error:
+        random_diffusion.fail(run, error)
+        raise  # to a waiting client as its error (status and detail); a run nobody waits for keeps it in `error`
+    finally:
+        run.total_s = round(time.perf_counter() - run.started, 4)
 
 
 @router.post("/generate-image/", response_class=Response, summary="Seed 003's form: one PNG back")

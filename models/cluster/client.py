@@ -146,6 +146,25 @@ class RayEngine(EngineClient):
             await asyncio.wait_for(asyncio.shield(follower.finished.wait()), wait_s)
         return follower.current(with_result=True)
 
+    async def stop_early(self, job_id: str) -> JobSnapshot:
+        """A1111's interrupt. The one signal that reaches a job's replica is cancelling its call, so on Ray Serve
+        this cancels the job (no partial image), waiting briefly for it to stop."""
+        return await self.cancel(job_id, wait_s=2.0)
+
+    async def saved_image_ids(self, job_id: str, timeout_s: float = 30.0) -> tuple[str, ...]:
+        """Read from the shared database once the replica's recorder has written the files."""
+        follower = self._followers.get(job_id)
+        if follower is not None:
+            await follower.finished.wait()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            snapshot = await self.job(job_id, with_result=False)
+            saves = self.settings.save_images if snapshot.options.save is None else snapshot.options.save
+            if snapshot.image_ids or not saves or snapshot.status is not JobStatus.succeeded \
+                    or time.monotonic() > deadline:
+                return snapshot.image_ids if snapshot.status is JobStatus.succeeded else ()
+            await asyncio.sleep(RECORD_POLL_S)
+
     async def job(self, job_id: str, with_result: bool = True) -> JobSnapshot:
         follower = self._followers.get(job_id)
         if follower is not None:

@@ -58,30 +58,41 @@ class ControlNets:
         self.device = device
         self._loaded: OrderedDict[str, _LoadedControlNet] = OrderedDict()
         # (base, task, ControlNet) -> the pipeline derived for them; dropped with the base or the ControlNet.
-        self._pipelines: dict[tuple[str, str, str], DiffusionPipeline] = {}
+        self._pipelines: dict[tuple[str, str, tuple[str, ...]], DiffusionPipeline] = {}
+        # base -> the ControlNets its last request ran with (none: a plain pipeline), for /pipeline-state.
+        self.applied: dict[str, tuple[str, ...]] = {}
 
     # -- per request -------------------------------------------------------------------------------------------
-    def pipeline_for(self, base: DiffusionPipeline, model_name: str, task: str, name: str) -> DiffusionPipeline:
-        """The ControlNet pipeline for `task` on a loaded base pipeline, built on the base's own components."""
-        loaded = self._get(name)
-        check_fits(loaded.model, base.unet, name, model_name)
-        # Kept only once it fits: a refused ControlNet leaves the loaded set (and its memory) as it was.
-        self._remember(loaded)
-        key = (model_name, task, name)
+    def pipeline_for(
+        self, base: DiffusionPipeline, model_name: str, task: str, names: tuple[str, ...]
+    ) -> DiffusionPipeline:
+        """The ControlNet pipeline for `task` on a loaded base pipeline, built on the base's own components; with
+        several names, one pipeline running them all (diffusers' MultiControlNetModel over the loaded ones)."""
+        loaded = [self._get(name) for name in names]
+        for item in loaded:
+            check_fits(item.model, base.unet, item.name, model_name)
+        # Kept only once they fit: a refused ControlNet leaves the loaded set (and its memory) as it was.
+        for item in loaded:
+            self._remember(item)
+        key = (model_name, task, names)
         pipeline = self._pipelines.get(key)
-        if pipeline is None or pipeline.unet is not base.unet or pipeline.controlnet is not loaded.model:
-            pipeline = self._derive(base, model_name, task, name, loaded.model)
+        if pipeline is None or pipeline.unet is not base.unet or not _runs(pipeline, [item.model for item in loaded]):
+            models = [item.model for item in loaded]
+            pipeline = self._derive(base, model_name, task, ", ".join(names), models[0] if len(models) == 1 else models)
             self._pipelines[key] = pipeline
-        loaded.uses += 1
+        for item in loaded:
+            item.uses += 1
         return pipeline
 
     def forget_model(self, model_name: str) -> None:
         """Drop the pipelines derived from a base that is being unloaded, so they do not keep it in memory."""
+        self.applied.pop(model_name, None)
         for key in [key for key in self._pipelines if key[0] == model_name]:
             del self._pipelines[key]
 
     def _derive(
-        self, base: DiffusionPipeline, model_name: str, task: str, name: str, controlnet: ControlNetModel
+        self, base: DiffusionPipeline, model_name: str, task: str, name: str,
+        controlnet: ControlNetModel | list[ControlNetModel],
     ) -> DiffusionPipeline:
         try:
             # AutoPipeline's from_pipe picks the family's ControlNet pipeline for the task and shares the base's
@@ -154,7 +165,7 @@ class ControlNets:
             self._forget_controlnet(oldest)
 
     def _forget_controlnet(self, name: str) -> None:
-        for key in [key for key in self._pipelines if key[2] == name]:
+        for key in [key for key in self._pipelines if name in key[2]]:
             del self._pipelines[key]
 
     def _load_model(self, source: str, registry_name: str | None = None) -> ControlNetModel:
@@ -214,6 +225,13 @@ class ControlNets:
                 f"unknown ControlNet {shown!r}: not a registry name, a folder or a Hugging Face repo id; {self.known()}"
             )
         return source
+
+
+def _runs(pipeline: DiffusionPipeline, models: list[ControlNetModel]) -> bool:
+    """The pipeline runs exactly these loaded ControlNet objects (one, or a MultiControlNetModel of them)."""
+    current = pipeline.controlnet
+    nets = list(current.nets) if hasattr(current, "nets") else [current]
+    return len(nets) == len(models) and all(a is b for a, b in zip(nets, models, strict=True))
 
 
 def check_fits(controlnet: ControlNetModel, unet: Any, name: str, model_name: str) -> None:

@@ -73,9 +73,12 @@ class PipelineCache:
     def loaded(self) -> list[LoadedModel]:
         return list(self._models.values())
 
-    def get(self, name: str, task: str, controlnet: str | None = None) -> tuple[DiffusionPipeline, LoadedModel]:
-        """The pipeline for `task` on base `name`, loading the base or deriving the task pipeline once; with a
-        `controlnet` name, the ControlNet variant of that pipeline on the same components."""
+    def get(
+        self, name: str, task: str, controlnets: tuple[str, ...] = ()
+    ) -> tuple[DiffusionPipeline, LoadedModel]:
+        """The pipeline for `task` on base `name`, loading the base or deriving the task pipeline once; with
+        ControlNet names, the ControlNet variant of that pipeline on the same components (several: diffusers'
+        multi-ControlNet)."""
         model = self._models.get(name)
         if model is None:
             entry = self.registry.get(name, kinds=BASE_KINDS)
@@ -88,8 +91,9 @@ class PipelineCache:
         if self._last_used is not None and self._last_used != name:
             metrics.model_switched(name)
         self._last_used = name
-        if controlnet is not None:
-            return self.controlnets.pipeline_for(model.base, name, task, controlnet), model
+        self.controlnets.applied[name] = controlnets
+        if controlnets:
+            return self.controlnets.pipeline_for(model.base, name, task, controlnets), model
         if task not in model.pipelines:
             model.pipelines[task] = self._derive(model, task)
         return model.pipelines[task], model
@@ -152,6 +156,7 @@ class PipelineCache:
                 loaded_at=model.loaded_at,
                 loras=tuple(model.loras.loaded()),
                 applied_loras=tuple(model.loras.applied()),
+                applied_controlnets=self.controlnets.applied.get(model.name, ()),
             )
             for model in reversed(self.loaded())
         ]

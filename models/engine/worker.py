@@ -18,9 +18,10 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from models.engine import device_memory
 from models.engine.generate import batch_key, check_request, generate_batch
 from models.engine.pipelines import PipelineCache
 from models.engine.previews import LatentPreviewer
@@ -66,6 +67,8 @@ class Job:
     image_ids: tuple[str, ...] = ()  # set by the recorder once the files are written
     future: Future[GenerationResult] = field(default_factory=Future, repr=False)
     cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
+    # Finish at the next step with the image so far (A1111's interrupt), rather than cancel.
+    stop_requested: threading.Event = field(default_factory=threading.Event, repr=False)
     request_id: str | None = field(default_factory=current_request_id)
     result: GenerationResult | None = field(default=None, repr=False)
     _event_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -239,6 +242,20 @@ class GenerationWorker:
         logger.info("job %s cancel requested", job_id)
         return job
 
+    def stop_early(self, job_id: str) -> Job | None:
+        """Finish a running job at its next step with what it has made so far; a queued one is cancelled (it has
+        made nothing). Returns None if unknown."""
+        with self._condition:
+            job = self._jobs.get(job_id)
+            if job is None or job.done:
+                return job
+            running = job in self._running
+        if not running:
+            return self.cancel(job_id)
+        job.stop_requested.set()
+        logger.info("job %s asked to finish early", job_id)
+        return job
+
     def job(self, job_id: str) -> Job | None:
         with self._condition:
             return self._jobs.get(job_id)
@@ -334,11 +351,19 @@ class GenerationWorker:
             job.emit("started")
         first = jobs[0].request
         try:
-            controlnet = first.controlnet.name if first.controlnet is not None else None
-            pipeline, model = self.cache.get(jobs[0].model, first.task, controlnet=controlnet)
+            controlnets = tuple(control.name for control in first.controlnets)
+            pipeline, model = self.cache.get(jobs[0].model, first.task, controlnets=controlnets)
+            second = self.cache.get(jobs[0].model, "img2img", controlnets=controlnets)[0] if first.hires else None
             on_step, on_latents = self._progress_hooks(jobs, pipeline)
-            results = generate_batch(pipeline, model, [job.request for job in jobs], on_step,
-                                     lambda: self._cancel_finished(jobs), on_latents=on_latents)
+            device_memory.reset_peak()
+            results = generate_batch(
+                pipeline, model, [job.request for job in jobs], on_step, lambda: self._cancel_finished(jobs),
+                on_latents=on_latents, second_pipeline=second,
+                # A1111's interrupt: the images so far, once every job of the call asked for it.
+                stop_early=lambda: all(job.stop_requested.is_set() for job in jobs if not job.done),
+            )
+            peak = device_memory.peak_mb()
+            results = [replace(result, peak_memory_mb=peak) for result in results]
         except JobCancelled:
             if self._stopping:
                 self._end_all(jobs, JobStatus.interrupted, "the server is shutting down",

@@ -52,6 +52,11 @@ def reproduction_body(task: str, result: GenerationResult, index: int) -> dict[s
     }
     if result.strength is not None:
         body["strength"] = result.strength
+    if result.hires is not None:
+        hires = result.hires
+        body["width"], body["height"] = result.first_pass_size or (result.width, result.height)
+        body["hires"] = {"width": hires.width, "height": hires.height, "upscaler": hires.upscaler,
+                         "steps": hires.steps, "strength": hires.strength}
     if result.loras:
         body["loras"] = [
             {"name": lora.name, "scale": lora.scale} | ({"weight_name": lora.weight_name} if lora.weight_name else {})
@@ -73,13 +78,16 @@ def a1111_parameters(result: GenerationResult, index: int) -> str:
         ("Sampler", result.scheduler),
         ("CFG scale", result.guidance_scale),
         ("Seed", result.seeds[index]),
-        ("Size", f"{result.width}x{result.height}"),
+        ("Size", "{}x{}".format(*(result.first_pass_size or (result.width, result.height)))),
     ]
     if result.model_sha256:
         fields.append(("Model hash", result.model_sha256[:10]))
     fields.append(("Model", result.model))
     if result.strength is not None:
         fields.append(("Denoising strength", result.strength))
+    if result.hires is not None:
+        fields += [("Denoising strength", result.hires.strength), ("Hires resize", f"{result.width}x{result.height}"),
+                   ("Hires steps", result.hires.steps or result.steps), ("Hires upscaler", result.hires.upscaler)]
     hashed = [lora for lora in result.loras if lora.sha256]
     if hashed:
         fields.append(("Lora hashes", '"' + ", ".join(f"{lora.name}: {lora.sha256[:12]}" for lora in hashed) + '"'))
@@ -100,10 +108,12 @@ def sdserve_metadata(request: GenerationRequest, result: GenerationResult, index
         metadata["image_digest"] = image_digest(request.image)
     if request.mask_image is not None:
         metadata["mask_image_digest"] = image_digest(request.mask_image)
-    if request.controlnet is not None:
-        # The control image itself is not stored: its digest says which one it was.
-        metadata["controlnet"] = {"name": request.controlnet.name, "scale": request.controlnet.scale}
-        metadata["control_image_digest"] = image_digest(request.controlnet.image)
+    if request.controlnets:
+        # The control images themselves are not stored: their digests say which they were.
+        used = [{"name": spec.name, "scale": spec.scale} for spec in request.controlnets]
+        digests = [image_digest(spec.image) for spec in request.controlnets]
+        metadata["controlnet"] = used[0] if len(used) == 1 else used
+        metadata["control_image_digest"] = digests[0] if len(digests) == 1 else digests
     return metadata
 
 

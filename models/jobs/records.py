@@ -66,7 +66,7 @@ def job_row(job: Job, save_images: bool) -> dict[str, Any]:
             "model_sha256": result.model_sha256,
             "loras": [asdict(lora) for lora in result.loras],
             "prompt_used": result.prompt,
-            "controlnet": asdict(result.controlnet) if result.controlnet else None,
+            "controlnet": _controlnets_column(result.controlnets),
             "seeds": result.seeds,
             "width": result.width,
             "height": result.height,
@@ -138,10 +138,23 @@ def _recorded_result(record: JobRecord, output_dir: Path) -> GenerationResult | 
         scheduler_name=parameters.get("scheduler"),
         loras=tuple(ActiveLora(**{**lora, "trigger_words": tuple(lora.get("trigger_words", ()))})
                     for lora in record.loras or ()),
-        controlnet=ControlNetUse(**record.controlnet) if record.controlnet else None,
+        controlnets=_controlnets_from_column(record.controlnet),
         model_sha256=record.model_sha256,
         timings=dict(record.timings or {}),
     )
+
+
+def _controlnets_column(used: tuple[ControlNetUse, ...]) -> dict[str, Any] | list[dict[str, Any]] | None:
+    """One ControlNet as an object (as rows written before multi-ControlNet have it), several as a list."""
+    if not used:
+        return None
+    return asdict(used[0]) if len(used) == 1 else [asdict(item) for item in used]
+
+
+def _controlnets_from_column(column: dict[str, Any] | list[dict[str, Any]] | None) -> tuple[ControlNetUse, ...]:
+    if not column:
+        return ()
+    return tuple(ControlNetUse(**item) for item in (column if isinstance(column, list) else [column]))
 
 
 def _read_pixels(path: Path) -> Image.Image:

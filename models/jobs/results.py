@@ -54,10 +54,10 @@ def cache_key(request: GenerationRequest, model: str, entries: dict[str, Registr
     names (a re-registered model makes other pixels). None when something it names can change behind its name."""
     if any(lora.name not in entries for lora in request.loras):
         return None  # a LoRA by path or preloaded name can change on disk behind the same name
-    controlnet = request.controlnet.name if request.controlnet else None
-    if controlnet is not None and controlnet not in entries:
+    controlnets = [control.name for control in request.controlnets]
+    if any(name not in entries for name in controlnets):
         return None  # a ControlNet loaded with /load-controlnet/ can be replaced under the same name
-    names = [model, *(lora.name for lora in request.loras), *([controlnet] if controlnet else [])]
+    names = [model, *(lora.name for lora in request.loras), *controlnets]
     identity = {
         "parameters": request_parameters(request),
         "model": model,
