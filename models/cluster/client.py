@@ -68,7 +68,8 @@ logger = logging.getLogger(__name__)
 FINISHED_JOBS_KEPT = 100  # finished jobs answered from memory (with their images); older ones from the database
 RECORD_POLL_S = 0.1
 RECORD_WAIT_S = 60.0  # how long a cancelled job's replica may take to record its end
-HEALTH_TIMEOUT_S = 5.0
+HEALTH_TIMEOUT_S = 3.0
+HEALTH_KEPT_S = 60.0  # how long a replica's last health answer stands in for one that is busy
 LOST_REASON = "the engine replica running this job stopped before it finished (its process died); " \
     "the job was not retried: submit it again"
 
@@ -80,6 +81,7 @@ class RayEngine(EngineClient):
         self._registry = Registry(settings.registry_path)
         self.store = Store(settings.resolved_database_url())
         self._followers: OrderedDict[str, _Follower] = OrderedDict()
+        self._last_health: tuple[float, EngineHealth | None] = (0.0, None)
 
     # -- lifecycle --------------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -92,10 +94,16 @@ class RayEngine(EngineClient):
         await asyncio.to_thread(self.store.close)
 
     async def health(self) -> EngineHealth:
-        """One replica's health (the one Serve routes to); starting while none answers."""
+        """One replica's health (the one Serve routes to). Replicas that are all busy (every slot holding a job)
+        cannot answer at once: then the last answer stands while it is recent, so a loaded cluster stays ready."""
         try:
-            return await asyncio.wait_for(self._remote(self._replicas.health), HEALTH_TIMEOUT_S)
+            health = await asyncio.wait_for(self._remote(self._replicas.health), HEALTH_TIMEOUT_S)
+            self._last_health = (time.monotonic(), health)
+            return health
         except (TimeoutError, NotReady) as error:
+            answered_at, last = self._last_health
+            if last is not None and time.monotonic() - answered_at < HEALTH_KEPT_S:
+                return last
             return EngineHealth(
                 state=EngineState.starting, default_model=self.settings.default_model, loaded_models=(),
                 queue_depth=0, queue_capacity=self.settings.queue_size, device={"device": "ray"}, schedulers=(),

@@ -39,7 +39,7 @@ EngineReplicaDeployment = serve.deployment(
 )
 
 
-@serve.deployment(name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=200)
+@serve.deployment(name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=200)
 @serve.ingress()
 class Ingress:
     """The HTTP app, its engine the replicas behind `replicas`."""
