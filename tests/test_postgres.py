@@ -23,7 +23,7 @@ import pytest
 from models.jobs.store import Store
 from models.local import LocalEngine
 from models.settings import Settings
-from models.types import GenerationRequest, JobOptions
+from models.types import EngineState, GenerationRequest, JobOptions
 from tests.utils import free_port
 
 pytest.importorskip("psycopg", reason="the PostgreSQL driver is not installed (pip install '.[postgres]')")
@@ -71,6 +71,15 @@ def _settings(tmp_path: Path, model_cache: Path, url: str) -> Settings:
                     data_dir=tmp_path / "data", device="cpu", database_url=url, preview_every=0)
 
 
+async def _started(engine: LocalEngine) -> LocalEngine:
+    await engine.start()
+    for _ in range(1200):
+        if (await engine.health()).state is EngineState.ready:
+            return engine
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"the engine did not get ready: {await engine.health()}")
+
+
 async def _generate(engine: LocalEngine, prompt: str) -> str:
     request = GenerationRequest(task="text2img", prompt=prompt, width=64, height=64, steps=3, seed=5)
     job = await engine.submit(request, JobOptions(save=True))
@@ -99,10 +108,10 @@ def test_replicas_share_one_postgres_database(tmp_path: Path, model_cache: Path,
     settings = _settings(tmp_path, model_cache, postgres_url)
 
     async def scenario() -> None:
-        first = LocalEngine(settings, name="app/EngineReplica#0")
-        second = LocalEngine(settings, name="app/EngineReplica#1")
-        await first.start()
-        await second.start()
+        # One after the other: two engines loading a model at once in one process race in accelerate's
+        # meta-device loading (replicas are separate processes; this test is not).
+        first = await _started(LocalEngine(settings, name="app/EngineReplica#0"))
+        second = await _started(LocalEngine(settings, name="app/EngineReplica#1"))
         try:
             ids = [await _generate(first, "a lighthouse"), await _generate(second, "a lighthouse")]
             # Both replicas' jobs and images are in the one database, each with the replica that ran it.
