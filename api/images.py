@@ -11,9 +11,13 @@ from typing import Annotated, Any, Literal
 from PIL import Image, UnidentifiedImageError
 from pydantic import BeforeValidator, WithJsonSchema
 
+from api.limits import current_budget
+
 MAX_IMAGE_BASE64_CHARS = 40 * 2**20
 MAX_IMAGE_PIXELS = 4096 * 4096
 OutputFormat = Literal["png", "jpeg", "webp"]
+# Modes every step after decoding can convert (to RGB, L, RGBA); others (LAB, HSV, I;16, ...) become RGB here.
+PLAIN_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA"})
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.IGNORECASE)
 
 
@@ -35,7 +39,8 @@ def decode_image(value: Any) -> Image.Image:
 
 
 def image_from_bytes(raw: bytes) -> Image.Image:
-    """Open and fully load an uploaded image; ValueError (a 422) when it is empty, huge or not an image."""
+    """Open and fully load an uploaded image; ValueError (a 422) when it is empty, huge, over the request's pixel
+    budget or not an image. Its size is read from the header and charged before any pixel is decoded."""
     if not raw:
         raise ValueError("is empty")
     try:
@@ -43,11 +48,31 @@ def image_from_bytes(raw: bytes) -> Image.Image:
             width, height = opened.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise ValueError(f"image is {width}x{height}, more pixels than allowed ({MAX_IMAGE_PIXELS})")
+            current_budget().charge(width, height)
             opened.load()
             image = opened.copy()
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as error:
         raise ValueError("is base64 but not an image PIL can read (PNG, JPEG, WebP, ...)") from error
-    return image
+    return plain_mode(image)
+
+
+def plain_mode(image: Image.Image) -> Image.Image:
+    """An image in a mode the pipelines and masks can convert from: exotic modes (LAB, HSV, 16-bit, float) are
+    turned into RGB here, or refused when PIL cannot convert them."""
+    if image.mode in PLAIN_MODES:
+        return image
+    try:
+        return image.convert("RGBA" if "A" in image.getbands() else "RGB")
+    except ValueError as error:
+        raise ValueError(f"image mode {image.mode} is not supported; send an RGB, RGBA or grayscale image") \
+            from error
+
+
+def check_image_count(value: Any) -> Any:
+    """An image list's length is checked before any of its images is decoded."""
+    if isinstance(value, list):
+        current_budget().check_count(len(value))
+    return value
 
 
 Base64Image = Annotated[
@@ -55,6 +80,8 @@ Base64Image = Annotated[
     BeforeValidator(decode_image),
     WithJsonSchema({"type": "string", "description": "Base64-encoded image (PNG, JPEG, WebP) or a data URL"}),
 ]
+# A list of images (AUTOMATIC1111's init_images): at most SDSERVE_MAX_INPUT_IMAGES, counted before decoding.
+Base64ImageList = Annotated[list[Base64Image], BeforeValidator(check_image_count)]
 
 
 def encode_image(image: Image.Image, output_format: OutputFormat = "png", quality: int = 92) -> str:

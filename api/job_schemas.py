@@ -10,6 +10,8 @@ from pydantic import BaseModel, Field
 from api.schemas import GenerationResponse, Img2ImgBody, InpaintingBody, Text2ImgBody
 from models.types import ImageSnapshot, JobSnapshot, JobStatus, Task
 
+# Paging past this is meaningless and would overflow the database's integers.
+MAX_OFFSET = 1_000_000_000
 JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
 
 

@@ -4,14 +4,15 @@ number_of_images, seed, width, height, image, mask_image); common aliases from o
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from api.controlnet_schemas import ControlNetBody, ControlNetUsed
 from api.images import Base64Image, OutputFormat
+from api.security import current_owner
 from models.errors import InvalidRequest
-from models.registry import ModelKind, RegistryEntry
+from models.registry import FamilyName, ModelKind, RegistryEntry
 from models.sources import NAME_PATTERN
 from models.types import (
     MAX_SEED,
@@ -66,6 +67,11 @@ class LoraUsed(BaseModel):
                    trigger_words=list(lora.trigger_words))
 
 
+# SDXL's size conditioning: two numbers in the order diffusers uses, (height, width) and (top, left).
+SizePair = tuple[Annotated[int, Field(ge=1, le=16384)], Annotated[int, Field(ge=1, le=16384)]]
+CropPair = tuple[Annotated[int, Field(ge=0, le=16384)], Annotated[int, Field(ge=0, le=16384)]]
+
+
 class HiresBody(BaseModel):
     """Hires fix: the first pass at the request's size, an upscale, then img2img at the larger size."""
 
@@ -105,9 +111,10 @@ class GenerationBody(BaseModel):
 
     prompt: str = Field(min_length=1, max_length=20_000, description="What the image should show.")
     negative_prompt: str | None = Field(None, max_length=20_000, description="What it should not show.")
-    cfg_scale: float = Field(
-        7.0, ge=0, le=50, validation_alias=AliasChoices("cfg_scale", "guidance_scale"),
-        description="Classifier-free guidance: how strongly to follow the prompt.",
+    cfg_scale: float | None = Field(
+        None, ge=0, le=50, validation_alias=AliasChoices("cfg_scale", "guidance_scale"),
+        description="Classifier-free guidance: how strongly to follow the prompt. Default: the model family's "
+        "(SD 1.x 7, SDXL 5, SD 3.x 7). FLUX has none: there it sets FLUX's guidance (default 3.5).",
     )
     steps: int = Field(
         30, ge=1, validation_alias=AliasChoices("steps", "num_inference_steps"),
@@ -126,8 +133,12 @@ class GenerationBody(BaseModel):
     height: int | None = Field(
         None, ge=64, multiple_of=8, description="Output height; default: the input image's or the model's."
     )
-    model: str | None = Field(None, description="Registry name of the base model; default SDSERVE_DEFAULT_MODEL.")
-    scheduler: str | None = Field(None, description="Scheduler name (see GET /health); default: the model's.")
+    model: str | None = Field(
+        None, max_length=200, description="Registry name of the base model; default SDSERVE_DEFAULT_MODEL."
+    )
+    scheduler: str | None = Field(
+        None, max_length=64, description="Scheduler name (see GET /health); default: the model's."
+    )
     output_format: OutputFormat = Field("png", description="Encoding of the returned images.")
     loras: list[LoraBody] = Field(
         default_factory=list, max_length=32,
@@ -141,6 +152,41 @@ class GenerationBody(BaseModel):
     controlnet: list[ControlNetBody] | None = Field(
         None, description='A ControlNet steering the image: {"name": "demo-controlnet", "image": "<base64>", '
         '"scale": 1.0}, or a list of them, each with its own image (multi-ControlNet). None: no ControlNet.',
+    )
+    # What only some model families take; sent to another family they are a 422 naming the field and the family.
+    prompt_2: str | None = Field(
+        None, max_length=20_000, description="SDXL, SD 3.x, FLUX: the prompt for the second text encoder (SDXL's "
+        "OpenCLIP, SD 3's CLIP-G, FLUX's T5); default: prompt.",
+    )
+    negative_prompt_2: str | None = Field(
+        None, max_length=20_000, description="SDXL, SD 3.x: the negative prompt for the second text encoder.",
+    )
+    prompt_3: str | None = Field(None, max_length=20_000, description="SD 3.x: the prompt for the T5 encoder.")
+    negative_prompt_3: str | None = Field(
+        None, max_length=20_000, description="SD 3.x: the negative prompt for the T5 encoder."
+    )
+    original_size: SizePair | None = Field(
+        None, description="SDXL size conditioning, [height, width]: the size the image seems to come from "
+        "(default: the output size; smaller looks lower-resolution).",
+    )
+    target_size: SizePair | None = Field(
+        None, description="SDXL size conditioning, [height, width]: the size aimed at (default: the output size).",
+    )
+    crops_coords_top_left: CropPair | None = Field(
+        None, description="SDXL crop conditioning, [top, left]: [0, 0] (the default) gives centred subjects.",
+    )
+    guidance: float | None = Field(
+        None, ge=0, le=50, description="FLUX: its distilled guidance (FLUX.1-dev embeds it); default cfg_scale if "
+        "given, else 3.5.",
+    )
+    refiner: str | None = Field(
+        None, min_length=1, max_length=200, description="SDXL: the registry name of an SDXL refiner that runs the "
+        "last steps on the base's latents.",
+    )
+    refiner_switch_at: float | None = Field(
+        None, gt=0, lt=1, validation_alias=AliasChoices("refiner_switch_at", "denoising_end"),
+        description="SDXL with a refiner: the fraction of the steps the base runs before the refiner takes over "
+        "(diffusers' denoising_end); default 0.8.",
     )
     hires: HiresBody | None = Field(
         None, description='A second pass at a larger size (A1111\'s hires fix, text2img only): {"scale": 2} or '
@@ -180,10 +226,21 @@ class GenerationBody(BaseModel):
             loras=tuple(lora.to_domain() for lora in self.loras),
             controlnets=tuple(control.to_spec() for control in self.controlnet or ()),
             hires=self.hires.to_domain(self.width, self.height) if self.hires else None,
+            prompt_2=self.prompt_2,
+            negative_prompt_2=self.negative_prompt_2,
+            prompt_3=self.prompt_3,
+            negative_prompt_3=self.negative_prompt_3,
+            original_size=self.original_size,
+            target_size=self.target_size,
+            crops_coords_top_left=self.crops_coords_top_left,
+            guidance=self.guidance,
+            refiner=self.refiner,
+            refiner_switch_at=self.refiner_switch_at,
         )
 
     def options(self, source: str) -> JobOptions:
-        return JobOptions(save=self.save, output_format=self.output_format, source=source)
+        # The job belongs to the key of the request that submits it: only it (or an admin key) may cancel it.
+        return JobOptions(save=self.save, output_format=self.output_format, source=source, owner=current_owner())
 
 
 class Text2ImgBody(GenerationBody):
@@ -225,6 +282,11 @@ class Parameters(BaseModel):
     )
     hires: HiresBody | None = Field(None, description="The hires fix, if any; width and height are its final size.")
     stopped_at_step: int | None = Field(None, description="Finished early at this step (A1111's interrupt).")
+    family: FamilyName | None = Field(None, description="The model's family: sd, sdxl, sdxl-refiner, sd3, flux.")
+    family_arguments: dict[str, Any] = Field(
+        default_factory=dict, description="The family's own fields it ran with (prompt_2, original_size, refiner "
+        "and refiner_switch_at, guidance, ...): send them back with the rest to make the same image.",
+    )
 
 
 class GenerationResponse(BaseModel):
@@ -260,6 +322,8 @@ class GenerationResponse(BaseModel):
             hires=HiresBody(width=result.hires.width, height=result.hires.height, upscaler=result.hires.upscaler,
                             steps=result.hires.steps, strength=result.hires.strength) if result.hires else None,
             stopped_at_step=result.stopped_at_step,
+            family=result.family,  # type: ignore[arg-type]
+            family_arguments=result.family_arguments,
         )
         return cls(images=images, seeds=result.seeds, model=result.model, parameters=parameters,
                    timings=timings, job_id=job.id, cached=job.cached)
@@ -273,9 +337,14 @@ class ModelInfo(BaseModel):
     scale: float = 1.0
     trigger_words: list[str] = []
     description: str | None = None
+    family: FamilyName | None = Field(
+        None, description="sd, sdxl, sdxl-refiner, sd3 or flux (an adapter: its base's); null when it cannot be told "
+        "without loading the model",
+    )
     sha256: str | None = None
     created_by: str | None = None
     created_at: datetime | None = None
+    backend: Literal["torch", "openvino"] | None = None
     loaded: bool = False
 
     @classmethod
@@ -289,17 +358,24 @@ class ModelList(BaseModel):
 
 
 class RegisterModelBody(BaseModel):
+    """A registry entry from a client. Every write rewrites the registry file, so each field is bounded; a
+    `source` or `config` that is a path must lie inside the folders weights may be read from."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=NAME_PATTERN)
     kind: ModelKind = "base"
-    source: str = Field(min_length=1)
-    base: str | None = None
-    weight_name: str | None = None
-    config: str | None = None
-    scale: float = 1.0
-    trigger_words: list[str] = []
-    description: str | None = None
+    source: str = Field(min_length=1, max_length=1000)
+    base: str | None = Field(None, pattern=NAME_PATTERN)
+    weight_name: str | None = Field(None, min_length=1, max_length=255)
+    config: str | None = Field(None, min_length=1, max_length=1000)
+    family: FamilyName | None = None
+    scale: float = Field(1.0, ge=-10, le=10)
+    trigger_words: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field([], max_length=32)
+    description: str | None = Field(None, max_length=2000)
+    backend: Literal["torch", "openvino"] | None = Field(
+        None, description="How this base runs: torch or openvino (CPU fast path); default: SDSERVE_BACKEND"
+    )
     replace: bool = False
 
     def to_entry(self) -> RegistryEntry:

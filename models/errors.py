@@ -35,6 +35,14 @@ class RegistryError(SdserveError):
     """The registry file is invalid, or an edit would make it so."""
 
 
+class RegistryUnavailable(RegistryError):
+    """The registry file is missing, empty or invalid on disk: nothing can be written until it is fixed."""
+
+
+class ModelInUse(SdserveError):
+    """The model cannot be removed now (the default model, which every request without `model` uses)."""
+
+
 class QueueFull(SdserveError):
     def __init__(self, size: int, retry_after_s: int):
         self.retry_after_s = retry_after_s

@@ -18,17 +18,29 @@ from typing import Any, TypeVar
 
 from models import metrics
 from models.engine.device import select_device
+from models.engine.families import check_for_family, check_refiner
 from models.engine.generate import check_request
 from models.engine.pipelines import PipelineCache
 from models.engine.schedulers import scheduler_names
 from models.engine.worker import GenerationWorker, Job
-from models.errors import ControlNetNotFound, ImageNotFound, JobCancelled, JobFinished, JobNotFound
+from models.errors import (
+    ControlNetNotFound,
+    ImageNotFound,
+    JobCancelled,
+    JobFinished,
+    JobNotFound,
+    ModelInUse,
+    PathNotAllowed,
+)
+from models.families import family_named
 from models.jobs.recorder import JobRecorder
 from models.jobs.records import image_path, image_snapshot, snapshot_from_record
 from models.jobs.results import ResultCache, cache_key
 from models.jobs.store import Store
 from models.registry import BASE_KINDS, Registry, RegistryEntry
+from models.registry.detect import FamilyDetector
 from models.settings import Settings
+from models.sources import source_refusal
 from models.system_stats import system_stats
 from models.types import (
     MAX_SEED,
@@ -59,6 +71,7 @@ class LocalEngine:
         self.settings = settings
         self.name = name
         self._registry = Registry(settings.registry_path)
+        self._families = FamilyDetector()
         self.device = select_device(settings)
         self.cache = PipelineCache(settings, self._registry, self.device)
         self.worker = GenerationWorker(settings, self.cache)
@@ -108,7 +121,8 @@ class LocalEngine:
     def _submit(self, request: GenerationRequest, options: JobOptions) -> JobSnapshot:
         check_request(request, self.settings)
         model = request.model or self.settings.default_model
-        self._registry.get(model, kinds=BASE_KINDS)  # an unknown model is a 404 now, not a failed job later
+        entry = self._registry.get(model, kinds=BASE_KINDS)  # an unknown model is a 404 now, not a failed job later
+        self._check_family(request, model, entry)
         seed_origin = "client" if request.seed is not None else "drawn"
         if request.seed is None:
             request = replace(request, seed=random.randint(0, MAX_SEED))
@@ -122,6 +136,17 @@ class LocalEngine:
                 self._cache_keys[job.id] = key
             self.worker.submit(job)
         return self._snapshot(job)
+
+    def _check_family(self, request: GenerationRequest, model: str, entry: RegistryEntry) -> None:
+        """What does not apply to the model's family is a 422 now, when its family can be told without loading
+        it (else the worker checks once it is loaded). A refiner must be a registered SDXL model."""
+        family = self._families.family(entry)
+        if family is not None:
+            check_for_family(request, family_named(family), model)
+        if request.refiner is not None:
+            refiner = self._registry.get(request.refiner, kinds=BASE_KINDS)
+            refiner_family = self._families.family(refiner)
+            check_refiner(request.refiner, model, family_named(refiner_family) if refiner_family else None)
 
     async def wait(self, job_id: str) -> JobSnapshot:
         job = self.worker.job(job_id)
@@ -245,20 +270,38 @@ class LocalEngine:
 
     # -- the registry -------------------------------------------------------------------------------------------------
     async def registry(self) -> dict[str, RegistryEntry]:
-        return await asyncio.to_thread(self._registry.entries)
+        return await asyncio.to_thread(lambda: self._with_families(self._registry.entries()))
 
     async def register(self, name: str, entry: RegistryEntry, replace: bool = False) -> RegistryEntry:
+        # A client names the source: a path must lie inside the allowed roots, as a LoRA's must.
+        for field_name in ("source", "config"):
+            value = getattr(entry, field_name)
+            refusal = source_refusal(self.settings, value, f"model {name!r}: {field_name}") if value else None
+            if refusal:
+                logger.warning("refused to register %r with %s %r: outside the allowed roots", name, field_name,
+                               value)
+                raise PathNotAllowed(refusal)
         registered = await asyncio.to_thread(self._registry.register, name, entry, replace)
         if replace:
             await self.evict(name)  # a replaced base must be loaded again from its new source
-        return registered
+        return await asyncio.to_thread(lambda: self._with_families({name: registered})[name])
 
     async def unregister(self, name: str) -> None:
+        if name == self.settings.default_model:
+            raise ModelInUse(f"model {name!r} is the default model (SDSERVE_DEFAULT_MODEL): every request without "
+                             "`model` uses it; start the server with another default before removing it")
         await asyncio.to_thread(self._registry.delete, name)
         await self.evict(name)
 
     async def reload_registry(self) -> dict[str, RegistryEntry]:
-        return await asyncio.to_thread(self._registry.reload)
+        return await asyncio.to_thread(lambda: self._with_families(self._registry.reload()))
+
+    def _with_families(self, entries: dict[str, RegistryEntry]) -> dict[str, RegistryEntry]:
+        """The entries with `family` filled in where the registry file leaves it to detection."""
+        everything = self._registry.entries()
+        detect = self._families.family
+        return {name: entry if entry.family else entry.model_copy(update={"family": detect(entry, everything)})
+                for name, entry in entries.items()}
 
     # -- what is loaded (on the worker thread, between jobs) --------------------------------------------------------
     async def _on_worker(self, function: Callable[[PipelineCache], T]) -> T:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -48,6 +49,12 @@ class Settings(BaseSettings):
         None, gt=0, description="Unload least recently used bases when their weights exceed this total."
     )
     low_memory: bool = Field(False, description="CPU offload, attention slicing and VAE tiling.")
+    backend: Literal["torch", "openvino"] = Field(
+        "torch",
+        description="How base models run: torch (diffusers as it is) or openvino (the UNet exported once to OpenVINO "
+        "and cached under CACHE_DIR/openvino; CPU and float32 only; needs the openvino extra). A registry entry's "
+        "`backend` overrides it.",
+    )
     attention: Literal["auto", "sdpa", "xformers"] = Field(
         "auto", description="auto: xformers when installed on CUDA, else PyTorch SDPA."
     )
@@ -125,6 +132,86 @@ class Settings(BaseSettings):
         if value % 8:
             raise ValueError(f"must be a multiple of 8, got {value}")
         return value
+
+    # -- exposure: keys, hosts, origins, bounds (README "Security") --
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Keys that may use the API (a JSON list or comma-separated). When any key (or admin key) is set, "
+        "every route but /health, the page and the docs needs `Authorization: Bearer KEY`, `X-API-Key: KEY` or "
+        "HTTP basic auth whose password (or user:password) is a key.",
+    )
+    api_keys_file: Path | None = Field(None, description="A file of API keys, one per line (# comments), added to "
+                                       "api_keys.")
+    admin_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Keys that may also change the server: the registry, LoRAs and ControlNets loaded ahead, "
+        "training, other clients' jobs.",
+    )
+    admin_keys_file: Path | None = Field(None, description="A file of admin keys, one per line, added to admin_keys.")
+    allowed_hosts: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        description="Host names the server answers to (`*.example.com` patterns, `*` for any). Default: IP "
+        "addresses and names without a dot (localhost, a container name), which refuses DNS rebinding.",
+    )
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins (scheme://host[:port]) of other web pages that may call the API from a browser: CORS "
+        "answers them and their state-changing requests are accepted. Default: none, same-origin only.",
+    )
+    host: str | None = Field(
+        None, validation_alias=AliasChoices("host", "SDSERVE_HOST", "HOST"),
+        description="The address the server listens on, as run_api.sh and the Docker image pass it (HOST); used "
+        "for the start-up warning about an open server without keys.",
+    )
+    max_body_bytes: int = Field(32 * 2**20, ge=1024, description="Largest request body; a bigger one is a 413.")
+    max_input_pixels: int = Field(
+        4096 * 4096, ge=64 * 64, description="Decoded pixels of all input images of one request together."
+    )
+    max_input_images: int = Field(4, ge=1, description="Images one list of a request may hold (A1111 init_images).")
+
+    @field_validator("api_keys", "admin_keys", "allowed_hosts", "allowed_origins", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_keys", "admin_keys")
+    @classmethod
+    def _plain_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        for key in keys:
+            text = key.get_secret_value()
+            if not text or any(character.isspace() or ord(character) < 32 for character in text):
+                raise ValueError("a key must be non-empty and hold no spaces or control characters")
+        return keys
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"an origin is scheme://host[:port] without a path, got {origin!r}")
+        return [origin.lower() for origin in origins]
+
+    @model_validator(mode="after")
+    def _keys_from_files(self) -> Settings:
+        for keys, file in ((self.api_keys, self.api_keys_file), (self.admin_keys, self.admin_keys_file)):
+            if file is None:
+                continue
+            try:
+                lines = Path(file).read_text(encoding="utf-8").splitlines()
+            except OSError as error:
+                raise ValueError(f"cannot read the key file {file}: {error.strerror}") from error
+            keys.extend(self._plain_keys([SecretStr(line.strip()) for line in lines
+                                          if line.strip() and not line.lstrip().startswith("#")]))
+        return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys or self.admin_keys)
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -61,14 +61,41 @@ def hf_cache_dir() -> Path:
 
 
 def allowed_roots(settings: Settings) -> list[Path]:
-    """Folders that client-named weight files (LoRAs, ControlNets) may be read from."""
+    """Folders that client-named weight files (LoRAs, ControlNets, bases registered through the API) may be read
+    from."""
     if settings.lora_roots is not None:
         roots = list(settings.lora_roots)
     else:
-        roots = [settings.registry_path.parent, settings.output_dir, hf_cache_dir()]
+        # The server's own builtin models (cache_dir) too: a registered single-file checkpoint may take its
+        # configs from one of them.
+        roots = [settings.registry_path.parent, settings.output_dir, settings.cache_dir, hf_cache_dir()]
     return [root.expanduser().resolve() for root in roots]
 
 
 def is_inside_roots(settings: Settings, resolved: Path) -> bool:
     """Whether a resolved path (symlinks and `..` gone) lies inside one of the allowed roots."""
     return any(resolved.is_relative_to(root) for root in allowed_roots(settings))
+
+
+def has_control_characters(text: str) -> bool:
+    """NUL and other control characters: no file name a client means has them, and the OS refuses NUL."""
+    return any(ord(character) < 32 or ord(character) == 127 for character in text)
+
+
+def source_refusal(settings: Settings, source: str, what: str) -> str | None:
+    """Why a client may not register this source (a model's `source` or `config`); None when it may.
+
+    `demo:` builtins and Hugging Face repo ids (read from the local cache) are fine. Anything that names a file or
+    folder, or that exists on disk, must resolve (symlinks and `..` gone) inside the allowed roots. The answer is
+    the same whether or not the path exists, so it tells nothing about the server's files."""
+    if source.startswith("demo:"):
+        return None
+    refusal = (f"{what} must be a demo: builtin, a Hugging Face repo id, or a file or folder inside the folders "
+               "weights may be read from (the registry's folder, the output folder, the builtin models' cache, the "
+               "Hugging Face cache, or SDSERVE_LORA_ROOTS)")
+    if has_control_characters(source):
+        return refusal
+    path = Path(source).expanduser()
+    if not looks_like_path(source) and is_hf_repo_id(source) and not path.exists():
+        return None
+    return None if is_inside_roots(settings, path.resolve()) else refusal

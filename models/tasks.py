@@ -43,14 +43,19 @@ class TaskSpec:
             return None
         return request.strength if request.strength is not None else self.default_strength
 
-    def image_arguments(self, request: GenerationRequest, width: int, height: int) -> dict[str, Any]:
-        """The task's own pipeline arguments: output size, input picture and mask, strength."""
+    def image_arguments(
+        self, request: GenerationRequest, width: int, height: int, img2img_takes_size: bool = False
+    ) -> dict[str, Any]:
+        """The task's own pipeline arguments: output size, input picture and mask, strength. Some families' img2img
+        pipelines (SD 3.x, FLUX) size their output themselves rather than from the input: they get the size too."""
         if not self.needs_image:
             return {"width": width, "height": height}
         arguments: dict[str, Any] = {
             "image": fit_image(request.image, width, height, "RGB"),
             "strength": self.strength(request),
         }
+        if img2img_takes_size:
+            arguments |= {"width": width, "height": height}
         if self.needs_mask:
             arguments |= {"mask_image": fit_image(request.mask_image, width, height, "L"),
                           "width": width, "height": height}

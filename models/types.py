@@ -103,7 +103,7 @@ class GenerationRequest:
     width: int | None = None
     height: int | None = None
     steps: int = 30
-    guidance_scale: float = 7.0
+    guidance_scale: float | None = None  # None: the model family's default (models/families.py)
     num_images: int = 1
     seed: int | None = None
     strength: float | None = None
@@ -113,6 +113,17 @@ class GenerationRequest:
     loras: tuple[LoraSpec, ...] = ()
     controlnets: tuple[ControlNetSpec, ...] = ()  # several: diffusers' multi-ControlNet, one image each
     hires: HiresFix | None = None
+    # What only some model families take (models/families.py says which); None: not given.
+    prompt_2: str | None = None  # the second text encoder's prompt (SDXL, SD 3.x: CLIP-G; FLUX: T5)
+    negative_prompt_2: str | None = None
+    prompt_3: str | None = None  # SD 3.x: the T5 encoder's prompt
+    negative_prompt_3: str | None = None
+    original_size: tuple[int, int] | None = None  # SDXL size conditioning, (height, width) as diffusers orders it
+    target_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None  # (top, left)
+    guidance: float | None = None  # FLUX's distilled guidance
+    refiner: str | None = None  # SDXL: a registry name of a refiner that runs the last steps
+    refiner_switch_at: float | None = None  # the fraction of the steps the base runs before the refiner
 
     @property
     def controlnet(self) -> ControlNetSpec | None:
@@ -127,6 +138,7 @@ class JobOptions:
     save: bool | None = None  # save the images as PNG files; None: SDSERVE_SAVE_IMAGES
     output_format: str = "png"  # how the client wants its images encoded (saved files are always PNG)
     source: str = "jobs"  # the route that submitted it
+    owner: str | None = None  # the API key (its fingerprint) that submitted it, when keys are configured
 
 
 # -- what ran -------------------------------------------------------------------------------------------------------
@@ -175,6 +187,10 @@ class GenerationResult:
     first_pass_size: tuple[int, int] | None = None  # with hires: the size of the first pass
     stopped_at_step: int | None = None  # asked to finish early (A1111's interrupt): the image of this step
     peak_memory_mb: float | None = None  # device memory (CUDA) or the process's resident peak (CPU)
+    family: str | None = None  # the model's family (sd, sdxl, sdxl-refiner, sd3, flux)
+    # The family arguments it ran with (GenerationRequest names: prompt_2, original_size, refiner, ...), with the
+    # refiner's switch point resolved; only those given.
+    family_arguments: dict[str, Any] = field(default_factory=dict)
 
     @property
     def controlnet(self) -> ControlNetUse | None:

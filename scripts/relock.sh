@@ -22,8 +22,8 @@ compile() {
     --no-emit-index-url --no-emit-find-links -c requirements-torch.txt "$@" -o "$output" pyproject.toml
 }
 # The server's lock first; the dev lock is constrained by it, so both agree on every shared package.
-compile requirements.lock --extra gpu
+compile requirements.lock --extra gpu --extra openvino
 # The dev lock also holds the optional extras that the tests exercise (Ray Serve, the PostgreSQL driver).
-compile requirements-dev.lock --extra gpu --extra dev --extra ray --extra postgres -c requirements.lock
+compile requirements-dev.lock --extra gpu --extra openvino --extra dev --extra ray --extra postgres -c requirements.lock
 
 ./run_tests.sh

@@ -18,7 +18,15 @@ from pathlib import Path
 
 from PIL import Image
 
-from models.errors import ImageNotFound, JobCancelled, JobFinished, JobNotFound, ModelNotFound, QueueFull
+from models.errors import (
+    ImageNotFound,
+    InvalidRequest,
+    JobCancelled,
+    JobFinished,
+    JobNotFound,
+    ModelNotFound,
+    QueueFull,
+)
 from models.registry import RegistryEntry
 from models.types import (
     ControlNetInfo,
@@ -73,6 +81,8 @@ class FakeEngine:
             raise ModelNotFound(model, sorted(self.entries))
         if self._waiting() >= self.queue_size:
             raise QueueFull(self._waiting(), 1)
+        if max(request.width or 0, request.height or 0) > 2048 or request.num_images > 8 or request.steps > 150:
+            raise InvalidRequest("over the default limits (the real engine names which)")
         self.submitted.append(request)
         snapshot = JobSnapshot(
             id=uuid.uuid4().hex, task=request.task, status=JobStatus.running, prompt=request.prompt,
@@ -172,6 +182,8 @@ class FakeEngine:
         return entry
 
     async def unregister(self, name: str) -> None:
+        if name not in self.entries:
+            raise ModelNotFound(name, sorted(self.entries))
         self.entries.pop(name)
 
     async def reload_registry(self) -> dict[str, RegistryEntry]:
@@ -220,7 +232,7 @@ def _result(job: _FakeJob) -> GenerationResult:
     return GenerationResult(
         images=[Image.new("RGB", (width, height), (seed % 256,) * 3) for seed in seeds], seeds=seeds,
         model=job.snapshot.model, prompt=request.prompt, negative_prompt=request.negative_prompt, width=width,
-        height=height, steps=request.steps, guidance_scale=request.guidance_scale, strength=request.strength,
+        height=height, steps=request.steps, guidance_scale=request.guidance_scale or 7.0, strength=request.strength,
         scheduler=request.scheduler or "FakeScheduler", scheduler_name=request.scheduler, hires=request.hires,
         first_pass_size=(request.width or 64, request.height or 64) if request.hires else None,
         stopped_at_step=1 if job.stopped_early else None,

@@ -56,11 +56,13 @@ def test_model_without_offline_weights_is_503_naming_it(client):
     assert client.post("/text2img", json=GOOD).status_code == 200
 
 
-def test_missing_local_folder_is_503(client):
-    client.post("/models", json={"name": "gone", "source": "/nonexistent/folder"})
+def test_missing_local_folder_is_503(client, settings):
+    """Inside the allowed folders (outside them registration is refused: tests/test_security.py)."""
+    missing = settings.registry_path.parent / "nonexistent" / "folder"
+    assert client.post("/models", json={"name": "gone", "source": str(missing)}).status_code == 201
     response = client.post("/text2img", json={**GOOD, "model": "gone"})
     assert response.status_code == 503
-    assert "no file or folder at /nonexistent/folder" in response.json()["detail"]
+    assert f"no file or folder at {missing}" in response.json()["detail"]
 
 
 def test_pickle_checkpoint_refused_without_setting(client, tmp_path):

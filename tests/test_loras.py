@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from api.app import create_app
+from models.registry import Registry, RegistryEntry
 from models.registry import builtins as demo
 from models.settings import Settings
 from models.sources import allowed_roots
@@ -381,7 +382,10 @@ def test_paths_outside_the_allowed_folders_are_refused(client, loras, library, s
         assert "SDSERVE_LORA_ROOTS" in detail
         if reference == str(loras / "link.safetensors"):
             assert str(library) not in detail  # where a link points is not disclosed
-    register(client, "sneaky", library / "a")
+    # Registering it through the API is refused; an entry written into the registry file by hand is refused on use.
+    sneaky = {"name": "sneaky", "kind": "lora", "source": str(library / "a")}
+    assert client.post("/models", json=sneaky).status_code == 403
+    Registry(settings.registry_path).register("sneaky", RegistryEntry(kind="lora", source=str(library / "a")))
     refused(client, ["sneaky"], 403)
     assert client.post("/loras", json={"path": str(outside)}).status_code == 403
     assert adapters(client) == []
@@ -396,7 +400,8 @@ def test_allowed_folders_default_and_setting(settings, tmp_path):
     roots = allowed_roots(settings)
     assert settings.registry_path.parent.resolve() in roots
     assert settings.output_dir.resolve() in roots
-    assert len(roots) == 3
+    assert settings.cache_dir.resolve() in roots
+    assert len(roots) == 4
     explicit = Settings(registry_path=settings.registry_path, lora_roots=f"{tmp_path / 'x'}{os.pathsep}/srv/loras")
     assert allowed_roots(explicit) == [(tmp_path / "x").resolve(), Path("/srv/loras")]
 

@@ -205,3 +205,59 @@ def test_page_shows_the_servers_reason_for_a_bad_request(page):
     page.fill("#width", "")
     page.click("#generate")
     sync_api.expect(page.locator("#error")).to_have_text("Choose an input image for img2img.")
+
+
+UI_KEY = "page-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory, model_cache) -> Iterator:
+    from tests.conftest import ServerProcess, server_env
+
+    folder = tmp_path_factory.mktemp("keyed-server")
+    process = ServerProcess(server_env(folder, model_cache, SDSERVE_API_KEYS=UI_KEY), folder / "server.log")
+    try:
+        process.wait_healthy()
+        yield process
+    finally:
+        process.stop()
+
+
+def test_page_works_on_a_server_with_api_keys(browser, keyed_server):
+    """The key typed at the top is kept in the browser and sent with every request: the model list, the job, its
+    event stream and the gallery's image files (fetched with the key, as an <img src> cannot send one)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(keyed_server.url + "/")
+    sync_api.expect(page.locator("#server-status")).to_contain_text("API key is needed")
+    assert page.locator("#model option").count() == 0
+
+    page.fill("#api-key", "not-the-key")
+    page.click("#save-key")
+    sync_api.expect(page.locator("#server-status")).to_contain_text("not accepted")
+
+    page.fill("#api-key", UI_KEY)
+    page.click("#save-key")
+    sync_api.expect(page.locator("#model option[value=demo]")).to_have_count(1)
+    assert page.evaluate("localStorage.getItem('sdserve-api-key')") == UI_KEY
+
+    fill_common(page, "a keyed lighthouse", steps=6, seed=21, size=64)
+    record_status_texts(page)
+    page.click("#generate")
+    sync_api.expect(page.locator("#job-status")).to_have_text(re.compile(r"^Done"))
+    steps_seen = [text for text in page.evaluate("window.statusTexts") if re.fullmatch(r"Step \d+ of 6", text)]
+    assert steps_seen and steps_seen[-1] == "Step 6 of 6"  # the event stream, read with the key
+    assert image_from_src(page, "img.result-image").size == (64, 64)
+    page.wait_for_function("() => [...document.querySelectorAll('#gallery img')].some(i => i.naturalWidth > 0)")
+    assert page.eval_on_selector("#gallery img", "image => image.src").startswith("blob:")
+
+    # The key survives a reload; without it the API refuses the same requests.
+    page.reload()
+    sync_api.expect(page.locator("#model option[value=demo]")).to_have_count(1)
+    assert httpx.get(f"{keyed_server.url}/models", timeout=10).status_code == 401
+    screenshot(page, "ui-with-key.png")
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"

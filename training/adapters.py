@@ -1,7 +1,9 @@
-"""LoRA layers on the UNet (and optionally the text encoder) with peft, saved in the format diffusers loads.
+"""LoRA layers on the UNet (and optionally the text encoders) with peft, saved in the format diffusers loads.
 
-The weights file is what `StableDiffusionPipeline.save_lora_weights` writes, including peft's adapter config (so
+The weights file is what the base family's pipeline writes with `save_lora_weights` (StableDiffusionPipeline's,
+or StableDiffusionXLPipeline's with the second text encoder's layers), including peft's adapter config (so
 `load_lora_weights` restores alpha exactly), plus `sdserve.*` metadata naming the base, the data and the options.
+Text encoders are passed by component name ("text_encoder", "text_encoder_2"): that name is the key prefix.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.training_utils import _set_state_dict_into_text_encoder, cast_training_params
 from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
@@ -30,7 +32,10 @@ WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 METADATA_PREFIX = "sdserve."
 
 
-def add_lora_layers(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, options: TrainingOptions) -> None:
+TextEncoders = dict[str, torch.nn.Module]  # component name -> text encoder with LoRA layers (empty: none trained)
+
+
+def add_lora_layers(unet: torch.nn.Module, text_encoders: TextEncoders, options: TrainingOptions) -> None:
     """Freeze everything, then add trainable LoRA layers (B starts at zero: the model is unchanged at step 0)."""
     unet.add_adapter(
         LoraConfig(
@@ -39,7 +44,7 @@ def add_lora_layers(unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
         )
     )
     _check_targets(unet, "unet_target_modules", options.unet_target_modules)
-    if text_encoder is not None:
+    for text_encoder in text_encoders.values():
         # peft itself rather than transformers' add_adapter: that integration gates on peft versions of its own.
         text_encoder.requires_grad_(False)
         inject_adapter_in_model(
@@ -76,21 +81,21 @@ def lora_layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_lora_weights(
-    folder: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, metadata: dict[str, str] | None = None
+    folder: Path, unet: torch.nn.Module, text_encoders: TextEncoders, metadata: dict[str, str] | None = None,
+    two_text_encoders: bool = False,
 ) -> Path:
-    """Write `folder/pytorch_lora_weights.safetensors` (diffusers format) with `metadata` added, atomically."""
+    """Write `folder/pytorch_lora_weights.safetensors` (diffusers format) with `metadata` added, atomically.
+    `two_text_encoders`: the base is SDXL, whose pipeline class writes (and reads) the second encoder's layers."""
     folder.mkdir(parents=True, exist_ok=True)
+    pipeline_class = StableDiffusionXLPipeline if two_text_encoders else StableDiffusionPipeline
+    layers: dict[str, object] = {
+        "unet_lora_layers": lora_layers(unet), "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
+    }
+    for name, text_encoder in text_encoders.items():
+        layers[f"{name}_lora_layers"] = lora_layers(text_encoder)
+        layers[f"{name}_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
     with tempfile.TemporaryDirectory(dir=folder, prefix=".weights-") as scratch:
-        StableDiffusionPipeline.save_lora_weights(
-            scratch,
-            unet_lora_layers=lora_layers(unet),
-            text_encoder_lora_layers=lora_layers(text_encoder) if text_encoder is not None else None,
-            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-            text_encoder_lora_adapter_metadata=(
-                text_encoder.peft_config["default"].to_dict() if text_encoder is not None else None
-            ),
-            safe_serialization=True,
-        )
+        pipeline_class.save_lora_weights(scratch, safe_serialization=True, **layers)
         written = Path(scratch) / WEIGHTS_NAME
         if metadata:
             _add_metadata(written, metadata)
@@ -116,7 +121,7 @@ def read_metadata(path: Path) -> dict[str, str]:
     }
 
 
-def load_lora_weights_into(folder: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:
+def load_lora_weights_into(folder: Path, unet: torch.nn.Module, text_encoders: TextEncoders) -> None:
     """Put the LoRA weights of a checkpoint back into the training models (resume)."""
     state = load_file(str(folder / WEIGHTS_NAME))
     unet_state = {key.removeprefix("unet."): value for key, value in state.items() if key.startswith("unet.")}
@@ -124,10 +129,10 @@ def load_lora_weights_into(folder: Path, unet: torch.nn.Module, text_encoder: to
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise InvalidRequest(f"checkpoint {folder} does not match these LoRA options: unexpected {unexpected[:3]}")
-    if text_encoder is not None:
-        if not any(key.startswith("text_encoder.") for key in state):
-            raise InvalidRequest(f"checkpoint {folder} has no text encoder LoRA but --train-text-encoder is set")
-        _set_state_dict_into_text_encoder(state, prefix="text_encoder.", text_encoder=text_encoder)
+    for name, text_encoder in text_encoders.items():
+        if not any(key.startswith(f"{name}.") for key in state):
+            raise InvalidRequest(f"checkpoint {folder} has no {name} LoRA but --train-text-encoder is set")
+        _set_state_dict_into_text_encoder(state, prefix=f"{name}.", text_encoder=text_encoder)
 
 
 def describe_options(options: TrainingOptions) -> dict[str, str]:

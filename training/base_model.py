@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from PIL import Image
 
 from models.engine.device import DeviceConfig
 from models.engine.generate import generate
 from models.engine.pipelines import LoadedModel, PipelineCache
 from models.errors import InvalidRequest, ModelNotFound
+from models.families import FAMILIES
 from models.registry import BASE_KINDS, Registry, RegistryEntry
 from models.settings import Settings
 from models.types import GenerationRequest
@@ -71,13 +72,12 @@ def load_base(choice: BaseChoice, settings: Settings, device: torch.device) -> t
     name = choice.name or "base"
     config = DeviceConfig(device=device, dtype=torch.float32, use_xformers=False, low_memory=False)
     cache = PipelineCache(settings, _OneBase(name, choice.entry), config)  # type: ignore[arg-type]
+    model = cache.load(name)
+    if not model.family.training:
+        trainable = " and ".join(family.label for family in FAMILIES.values() if family.training)
+        raise InvalidRequest(f"base {choice.label!r} is a {model.family.label} model; these scripts train "
+                             f"{trainable} bases")
     pipeline, model = cache.get(name, "text2img")
-    if not isinstance(pipeline, StableDiffusionPipeline):
-        # SDXL and others condition the UNet differently (two text encoders, added time ids).
-        raise InvalidRequest(
-            f"base {choice.label!r} is a {type(pipeline).__name__}; these scripts train Stable Diffusion 1.x/2.x "
-            "(StableDiffusionPipeline) bases"
-        )
     return pipeline, model
 
 

@@ -67,7 +67,9 @@ class TrainingOptions(BaseModel):
         default_factory=lambda: list(UNET_ATTENTION_MODULES), min_length=1,
         description="UNet module names (or suffixes) that get LoRA layers.",
     )
-    train_text_encoder: bool = Field(False, description="Also train LoRA layers on the text encoder.")
+    train_text_encoder: bool = Field(
+        False, description="Also train LoRA layers on the text encoder (both of SDXL's text encoders)."
+    )
     text_encoder_target_modules: list[str] = Field(
         default_factory=lambda: list(TEXT_ENCODER_ATTENTION_MODULES), min_length=1,
         description="Text encoder modules that get LoRA layers with --train-text-encoder.",

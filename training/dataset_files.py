@@ -55,10 +55,18 @@ def find_captioned_images(
 
 
 def find_images(folder: Path, what: str = "image folder") -> list[Path]:
-    folder = Path(folder)
+    """The images of a folder, each resolved: a symlink that leads out of the folder is refused, as a
+    metadata.jsonl or CSV row naming a file outside it is."""
+    return [image for _, image in _images(Path(folder), what)]
+
+
+def _images(folder: Path, what: str) -> list[tuple[str, Path]]:
+    """(name in the folder, resolved file) of each image."""
     if not folder.is_dir():
         raise DatasetError(f"{what} {folder} does not exist or is not a folder")
-    return sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
+    names = sorted(path.name for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+    found = [(name, _inside(folder, name, f"{what} {folder}")) for name in names]
+    return [(name, image) for name, image in found if image.is_file()]
 
 
 def _from_metadata(path: Path, image_column: str, caption_column: str) -> list[Example]:
@@ -108,12 +116,12 @@ def _inside(folder: Path, relative: str, where: str) -> Path:
 
 def _from_caption_files(folder: Path, caption_extension: str) -> list[Example]:
     examples, uncaptioned = [], []
-    for image in find_images(folder, "dataset"):
-        caption_file = image.with_suffix(caption_extension)
+    for name, image in _images(folder, "dataset"):
+        caption_file = _inside(folder, Path(name).with_suffix(caption_extension).name, f"dataset {folder}")
         if caption_file.is_file():
             examples.append(Example(image=image, caption=caption_file.read_text(encoding="utf-8").strip()))
         else:
-            uncaptioned.append(image.name)
+            uncaptioned.append(name)
     if uncaptioned:
         shown = ", ".join(uncaptioned[:5]) + (" ..." if len(uncaptioned) > 5 else "")
         raise DatasetError(

@@ -10,7 +10,8 @@ generated class images. Everything else happens here, in this order:
 5. Dataloader, AdamW, learning-rate schedule, all prepared by accelerate; checkpoint hooks save only LoRA weights.
 6. Resume: accelerate restores optimizer, schedule and RNG states, the noise generator is reloaded and the batches
    already seen in the current epoch are skipped, so the run continues as if it had never stopped.
-7. Steps: noise, timesteps, MSE on the noise (or v) target, min-SNR weights, prior-preservation loss.
+7. Steps: noise, timesteps, the family's text conditioning (training/conditioning.py: SDXL adds its second text
+   encoder and size conditioning), MSE on the noise (or v) target, min-SNR weights, prior-preservation loss.
 8. The weights file with its metadata, final validation images and the registry entry.
 """
 
@@ -48,9 +49,11 @@ from models.registry import Registry
 from models.settings import Settings, get_settings
 from training import adapters
 from training.base_model import BaseChoice, load_base, make_renderer, resolve_base, weights_sha256
+from training.conditioning import TextConditioning
 from training.config import TrainingOptions
 from training.data import Collate, ImageCaptionDataset, PairedDataset
 from training.dataset_files import Example, dataset_sha256
+from training.lifeline import ServerLifeline
 from training.progress import ProgressReporter
 from training.registration import check_registration, register_weights
 
@@ -185,10 +188,12 @@ class _Run:
         self.base = resolve_base(options.base, registry)
         check_registration(options, self.base, registry)
         self.pipeline, self.model = load_base(self.base, self.settings, self.accelerator.device)
-        self.unet, self.vae, self.text_encoder = self.pipeline.unet, self.pipeline.vae, self.pipeline.text_encoder
-        for module in (self.unet, self.vae, self.text_encoder):
+        self.conditioning = TextConditioning(self.pipeline, self.model.family)
+        self.unet, self.vae = self.pipeline.unet, self.pipeline.vae
+        self.text_encoders = self.conditioning.encoders
+        for module in (self.unet, self.vae, *self.text_encoders.values()):
             module.requires_grad_(False)
-        self.base_sha256 = weights_sha256(self.unet, self.text_encoder, self.vae) if self.main else ""
+        self.base_sha256 = weights_sha256(self.unet, *self.text_encoders.values(), self.vae) if self.main else ""
         self.resolution = options.resolution or self.model.default_size()[0]
         if options.prediction_type:
             # Validation images must sample with the target the LoRA learns.
@@ -203,18 +208,20 @@ class _Run:
         options = self.options
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision,
                                                                                  torch.float32)
+        # SDXL's VAE overflows in float16 (its config says force_upcast): it encodes in float32 whatever the rest.
+        self.vae_dtype = torch.float32 if self.vae.config.get("force_upcast") else self.weight_dtype
         if self.weight_dtype != torch.float32:
-            for module in (self.unet, self.vae, self.text_encoder):
+            for module in (self.unet, *self.text_encoders.values()):
                 module.to(dtype=self.weight_dtype)
-        self.trained_text_encoder = self.text_encoder if options.train_text_encoder else None
-        adapters.add_lora_layers(self.unet, self.trained_text_encoder, options)
+            self.vae.to(dtype=self.vae_dtype)
+        self.trained_text_encoders = dict(self.text_encoders) if options.train_text_encoder else {}
+        adapters.add_lora_layers(self.unet, self.trained_text_encoders, options)
         if self.weight_dtype != torch.float32:
-            adapters.keep_trainable_in_float32(self.unet, self.trained_text_encoder)
+            adapters.keep_trainable_in_float32(self.unet, *self.trained_text_encoders.values())
         if options.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-            if self.trained_text_encoder is not None:
+            for encoder in self.trained_text_encoders.values():
                 # transformers 5 renamed it; 4.x has only the old name.
-                encoder = self.trained_text_encoder
                 getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
         if options.cache_latents:
             cache_generator = torch.Generator("cpu").manual_seed(self.seed)
@@ -256,11 +263,12 @@ class _Run:
 
         def save_hook(models: list[torch.nn.Module], weights: list[Any], folder: str) -> None:
             if self.main:
-                adapters.save_lora_weights(Path(folder), self.unet, self.trained_text_encoder)
+                adapters.save_lora_weights(Path(folder), self.unet, self.trained_text_encoders,
+                                           two_text_encoders=self.conditioning.two_encoders)
             weights.clear()
 
         def load_hook(models: list[torch.nn.Module], folder: str) -> None:
-            adapters.load_lora_weights_into(Path(folder), self.unet, self.trained_text_encoder)
+            adapters.load_lora_weights_into(Path(folder), self.unet, self.trained_text_encoders)
             models.clear()
 
         self.accelerator.register_save_state_pre_hook(save_hook)
@@ -323,7 +331,7 @@ class _Run:
         options, accelerator = self.options, self.accelerator
         loader = DataLoader(
             self.data.dataset, batch_size=options.train_batch_size, shuffle=True,
-            collate_fn=Collate(self.pipeline.tokenizer), num_workers=options.dataloader_num_workers,
+            collate_fn=Collate(*self.conditioning.tokenizers), num_workers=options.dataloader_num_workers,
         )
         self.dataloader = accelerator.prepare(loader)
         # Per process, after sharding; the last accumulation of an epoch may be short (accelerate syncs there).
@@ -331,8 +339,8 @@ class _Run:
         self.max_steps = options.max_train_steps or options.num_train_epochs * self.updates_per_epoch
         self.num_epochs = math.ceil(self.max_steps / self.updates_per_epoch)
         groups = [{"params": adapters.trainable_parameters(self.unet), "lr": options.learning_rate}]
-        if self.trained_text_encoder is not None:
-            groups.append({"params": adapters.trainable_parameters(self.trained_text_encoder),
+        if self.trained_text_encoders:
+            groups.append({"params": adapters.trainable_parameters(*self.trained_text_encoders.values()),
                            "lr": options.text_encoder_learning_rate or options.learning_rate})
         optimizer = torch.optim.AdamW(groups, betas=(options.adam_beta1, options.adam_beta2),
                                       weight_decay=options.adam_weight_decay, eps=options.adam_epsilon)
@@ -343,11 +351,12 @@ class _Run:
             num_training_steps=self.max_steps * accelerator.num_processes,
             num_cycles=options.lr_num_cycles, power=options.lr_power,
         )
-        trained = [self.unet] + ([self.trained_text_encoder] if self.trained_text_encoder is not None else [])
+        trained = [self.unet, *self.trained_text_encoders.values()]
         prepared = accelerator.prepare(*trained, optimizer, schedule)
         # The wrapped models (DDP) run the training forward; the plain ones are saved and used by the pipeline.
         self.unet_forward = prepared[0]
-        self.text_encoder_forward = prepared[1] if self.trained_text_encoder is not None else self.text_encoder
+        wrapped = dict(zip(self.trained_text_encoders, prepared[1:-2], strict=True))
+        self.text_encoder_forwards = {name: wrapped.get(name, encoder) for name, encoder in self.text_encoders.items()}
         self.optimizer, self.lr_schedule = prepared[-2], prepared[-1]
         self.trained_models = prepared[:-2]
 
@@ -356,7 +365,7 @@ class _Run:
         options, accelerator = self.options, self.accelerator
         ga = options.gradient_accumulation_steps
         self.progress.start_bar(self.max_steps, self.global_step)
-        parameters = adapters.trainable_parameters(self.unet, self.trained_text_encoder)
+        parameters = adapters.trainable_parameters(self.unet, *self.trained_text_encoders.values())
         first_epoch = self.global_step // self.updates_per_epoch
         logger.info("training %d steps (%d epochs of %d steps), %d examples, batch %d x %d accumulation x %d "
                     "processes", self.max_steps, self.num_epochs, self.updates_per_epoch, len(self.data.dataset),
@@ -421,9 +430,9 @@ class _Run:
 
     def _encode(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         with torch.no_grad():
-            pixels = pixels.to(self.accelerator.device, dtype=self.weight_dtype)
+            pixels = pixels.to(self.accelerator.device, dtype=self.vae_dtype)
             latents = self.vae.encode(pixels).latent_dist.sample(generator=generator)
-        return latents * self.vae.config.scaling_factor
+        return (latents * self.vae.config.scaling_factor).to(self.weight_dtype)
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         device, generator = self.accelerator.device, self.noise_generator
@@ -439,13 +448,15 @@ class _Run:
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch_size,),
                                   generator=generator).to(device)
         noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        with torch.set_grad_enabled(self.trained_text_encoder is not None):
-            hidden_states = self.text_encoder_forward(batch["input_ids"].to(device), return_dict=False)[0]
+        with torch.set_grad_enabled(bool(self.trained_text_encoders)):
+            hidden_states, added_conditions = self.conditioning.unet_inputs(self.text_encoder_forwards, batch, device,
+                                                                            self.weight_dtype)
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        prediction = self.unet_forward(noisy_latents, timesteps, hidden_states, return_dict=False)[0]
+        prediction = self.unet_forward(noisy_latents, timesteps, hidden_states, added_cond_kwargs=added_conditions,
+                                       return_dict=False)[0]
         per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if self.options.snr_gamma is not None:
             per_example = per_example * self._min_snr_weights(timesteps)
@@ -471,7 +482,8 @@ class _Run:
         folder = self.output_dir / "validation"
         folder.mkdir(exist_ok=True)
         self.unet.eval()
-        self.text_encoder.eval()
+        for encoder in self.text_encoders.values():
+            encoder.eval()
         started = time.perf_counter()
         render = make_renderer(self.pipeline, self.model)
         saved = []
@@ -494,14 +506,21 @@ class _Run:
         weights = self.output_dir / adapters.WEIGHTS_NAME
         registered = None
         if self.main:
-            adapters.save_lora_weights(self.output_dir, self.unet, self.trained_text_encoder, self._metadata())
+            adapters.save_lora_weights(self.output_dir, self.unet, self.trained_text_encoders, self._metadata(),
+                                       two_text_encoders=self.conditioning.two_encoders)
             self._validate()  # steps skip validation at the last step: this is it, with the saved weights
-            if options.register_as:
+            lifeline = ServerLifeline.from_environment()
+            orphaned = lifeline is not None and not lifeline.alive(now=True)
+            if options.register_as and orphaned:
+                # The server that started this run is gone: nobody asked for this model any more.
+                logger.warning("the server that started this run is gone: %s is saved but not registered as %r",
+                               weights, options.register_as)
+            elif options.register_as:
                 register_weights(options, self.base, Registry(self.settings.registry_path), weights, self.run_id,
                                  self.data.trigger_words)
                 registered = options.register_as
             self.progress.event("done", step=self.global_step, output=str(weights), registered=registered,
-                                run_id=self.run_id)
+                                run_id=self.run_id, **({"server_gone": True} if orphaned else {}))
         accelerator.wait_for_everyone()
         return TrainingResult(self.output_dir, weights, self.run_id, self.global_step, self.losses, registered)
 
@@ -515,6 +534,7 @@ class _Run:
             "base_model": self.base.label,
             "base_source": self.base.entry.source,
             "base_sha256": self.base_sha256,
+            "base_family": self.model.family.name,
             **adapters.describe_options(options),
             "steps": str(self.global_step),
             "resolution": str(self.resolution),
@@ -554,10 +574,13 @@ def _read_state(checkpoint: Path) -> dict[str, Any]:
 
 # -- command line ---------------------------------------------------------------------------------------------------
 class StopOnSignal:
-    """SIGTERM or Ctrl-C asks the loop to checkpoint and stop at the next step; a second Ctrl-C stops at once."""
+    """SIGTERM or Ctrl-C asks the loop to checkpoint and stop at the next step; a second Ctrl-C stops at once.
+    A run the server started also stops when that server is gone (training/lifeline.py)."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.lifeline = ServerLifeline.from_environment()
+        self.server_gone = False
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
 
@@ -569,7 +592,11 @@ class StopOnSignal:
                        signal.Signals(number).name)
 
     def __call__(self, step: int) -> bool:
-        return self.signal is not None
+        if self.lifeline is not None and not self.server_gone and not self.lifeline.alive():
+            self.server_gone = True
+            logger.warning("the server that started this run (pid %d) is gone: saving a checkpoint and stopping "
+                           "without registering anything", self.lifeline.pid)
+        return self.signal is not None or self.server_gone
 
 
 def run(options: TrainingOptions, build_data: DataBuilder) -> int:

@@ -39,6 +39,7 @@ from models.types import JobStatus
 from training.base_model import BaseChoice
 from training.config import SERVER_OWNED_OPTIONS, DreamBoothOptions, LoraOptions, TrainingOptions
 from training.dataset_files import find_captioned_images, find_images
+from training.lifeline import process_started, server_environment
 from training.progress import PROGRESS_FILE, read_progress
 from training.registration import check_registration
 
@@ -99,7 +100,9 @@ class TrainingRun:
         return {
             "id": self.id, "kind": self.kind, "options": self.options, "state": self.state.value,
             "created_at": self.created_at, "started_at": self.started_at, "finished_at": self.finished_at,
-            "exit_code": self.exit_code, "error": self.error,
+            "exit_code": self.exit_code, "error": self.error, "pid": self.pid,
+            # The launcher's start time: with the pid, it tells a later server whether the process still runs.
+            "pid_started": process_started(self.pid) if self.pid is not None and not self.state.finished else None,
         }
 
 
@@ -297,6 +300,7 @@ class TrainingRunManager:
         python_path = environment.get("PYTHONPATH")
         environment["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + python_path if python_path else "")
         environment["PYTHONUNBUFFERED"] = "1"
+        environment.update(server_environment())  # the run stops, unregistered, if this server dies
         for name in ("registry_path", "cache_dir", "output_dir", "allow_downloads", "allow_pickle"):
             value = getattr(self.settings, name)
             environment[f"SDSERVE_{name.upper()}"] = str(Path(value).resolve()) if isinstance(value, Path) else (
@@ -372,8 +376,29 @@ class TrainingRunManager:
                 logger.warning("ignoring malformed training record %s: %s", record.get("id"), error)
                 continue
             if not run.state.finished:
-                self._finish(run, JobStatus.interrupted, error="the server stopped during this run")
+                self._reconcile(run, record)
             self._runs[run.id] = run
+
+    def _reconcile(self, run: TrainingRun, record: dict[str, Any]) -> None:
+        """A run an earlier server left unfinished (it crashed or was killed): stop what may still run of it,
+        then record what really happened, from the run's own progress lines."""
+        pid, started = record.get("pid"), record.get("pid_started")
+        if isinstance(pid, int) and isinstance(started, float) and process_started(pid) == started:
+            logger.warning("training run %s outlived the server that started it (pid %d); stopping it", run.id, pid)
+            run.pid = pid
+            self._terminate(run)
+        outcome = run.outcome()
+        if outcome is not None and outcome.get("registered"):
+            # It finished and registered its model before its server went away: that is what happened.
+            self._finish(run, JobStatus.succeeded)
+            return
+        stopped = next((event for event in reversed(run.events()) if event.get("event") == "stopped"), None)
+        detail = "the server stopped during this run"
+        if outcome is not None:
+            detail += f"; it finished at step {outcome.get('step')} ({outcome.get('output')}) but registered nothing"
+        elif stopped is not None:
+            detail += f"; it stopped at step {stopped.get('step')} with checkpoint {stopped.get('checkpoint')}"
+        self._finish(run, JobStatus.interrupted, error=detail)
 
 
 def _group_members(group: int | None) -> list[int]:

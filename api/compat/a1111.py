@@ -13,12 +13,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastapi.exceptions import RequestValidationError
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.compat import preprocessors
 from api.compat.shared import A1111_SAMPLERS, build_body, resolve_model_alias, sampler_to_scheduler, split_lora_tags
-from api.images import Base64Image, decode_image, encode_images
+from api.images import Base64Image, Base64ImageList, decode_image, encode_images
 from api.schemas import GenerationBody, Img2ImgBody, InpaintingBody, Text2ImgBody
 from api.serving import BatchRun
 from models.errors import InvalidRequest, ModelNotFound
@@ -61,9 +62,11 @@ class Txt2ImgRequest(BaseModel):
     prompt: str = ""
     negative_prompt: str | None = None
     steps: int = 20
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
+    # None: the model family's own (7 for SD 1.x, 1024x1024 and 5 for SDXL, ...), chosen by the engine.
+    cfg_scale: float | None = None
+    distilled_cfg_scale: float | None = None  # Forge's name for FLUX's guidance
+    width: int | None = None
+    height: int | None = None
     seed: int = -1
     batch_size: int = Field(1, ge=1)
     n_iter: int = Field(1, ge=1, le=100)
@@ -72,6 +75,8 @@ class Txt2ImgRequest(BaseModel):
     scheduler: str | None = None
     override_settings: dict[str, Any] = Field(default_factory=dict)
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    refiner_checkpoint: str | None = None  # SDXL refiner
+    refiner_switch_at: float | None = None
     # Hires fix (txt2img).
     enable_hr: bool = False
     hr_scale: float = 2.0
@@ -83,7 +88,7 @@ class Txt2ImgRequest(BaseModel):
 
 
 class Img2ImgRequest(Txt2ImgRequest):
-    init_images: list[Base64Image] = Field(min_length=1)
+    init_images: Base64ImageList = Field(min_length=1)
     mask: Base64Image | None = None
     denoising_strength: float | None = 0.75
     inpainting_mask_invert: int = 0
@@ -132,6 +137,9 @@ class ControlNetDetectBody(BaseModel):
 
 # -- translate in ---------------------------------------------------------------------------------------------------
 def txt2img_body(body: Txt2ImgRequest, entries: dict[str, RegistryEntry], state: A1111State) -> GenerationBody:
+    if body.enable_hr:
+        # The hires size scales the first pass's, which must be known here: A1111's own default, 512.
+        body = body.model_copy(update={"width": body.width or 512, "height": body.height or 512})
     fields = _native_fields(body, entries, state) | {"controlnet": controlnet_units(body, entries, None) or None}
     if body.enable_hr:
         fields["hires"] = hires_fields(body)
@@ -154,7 +162,7 @@ def img2img_body(body: Img2ImgRequest, entries: dict[str, RegistryEntry], state:
 
 def _native_fields(body: Txt2ImgRequest, entries: dict[str, RegistryEntry], state: A1111State) -> dict[str, Any]:
     prompt, loras = split_lora_tags(body.prompt)
-    checkpoint = body.override_settings.get("sd_model_checkpoint")
+    checkpoint = _checkpoint(body.override_settings)
     return {
         "prompt": prompt or " ",
         "loras": loras or None,
@@ -167,7 +175,18 @@ def _native_fields(body: Txt2ImgRequest, entries: dict[str, RegistryEntry], stat
         "number_of_images": body.batch_size * body.n_iter,
         "scheduler": sampler_to_scheduler(body.sampler_name or body.sampler_index, body.scheduler),
         "model": resolve_checkpoint(entries, checkpoint) if checkpoint else state.checkpoint,
+        "guidance": body.distilled_cfg_scale,
+        "refiner": resolve_checkpoint(entries, body.refiner_checkpoint) if body.refiner_checkpoint else None,
+        "refiner_switch_at": body.refiner_switch_at if body.refiner_checkpoint else None,
     }
+
+
+def _checkpoint(override_settings: dict[str, Any]) -> str | None:
+    checkpoint = override_settings.get("sd_model_checkpoint")
+    if checkpoint is not None and not isinstance(checkpoint, str):
+        raise RequestValidationError([{"loc": ("override_settings", "sd_model_checkpoint"), "type": "string_type",
+                                       "msg": "must be a model name (a string)"}])
+    return checkpoint
 
 
 def hires_fields(body: Txt2ImgRequest) -> dict[str, Any]:
@@ -341,7 +360,7 @@ def encode_jobs(jobs: list[JobSnapshot]) -> list[str]:
 def sd_models(entries: dict[str, RegistryEntry]) -> list[dict[str, Any]]:
     return [
         {"title": a1111_title(name, entry), "model_name": name, "hash": (entry.sha256 or "")[:10] or None,
-         "sha256": entry.sha256, "filename": entry.source, "config": None}
+         "sha256": entry.sha256, "filename": entry.source, "config": None, "family": entry.family}
         for name, entry in sorted(entries.items()) if entry.kind in BASE_KINDS
     ]
 

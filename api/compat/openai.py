@@ -181,6 +181,19 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403:
 _ERROR_CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded"}
 
 
+class OpenAIError(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorBody(BaseModel):
+    """OpenAI's error shape, which its SDK reads into its exceptions (declared for /v1/ in the OpenAPI schema)."""
+
+    error: OpenAIError
+
+
 def error_body(status: int, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """Our error body -> OpenAI's {"error": {message, type, param, code}}, which the SDK reads into its exception.
     Validation problems are 400 there (ours are 422)."""

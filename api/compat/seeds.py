@@ -63,7 +63,7 @@ async def png_answer(job: JobSnapshot) -> Response:
 
 # -- seed 003 -------------------------------------------------------------------------------------------------------
 def generate_image_body(
-    prompt: str, width: int, height: int, steps: int, guidance_scale: float, preloaded_loras: list[str],
+    prompt: str, width: int | None, height: int | None, steps: int, guidance_scale: float, preloaded_loras: list[str],
     control_image: Image.Image | None, controlnet: str | None,
 ) -> GenerationBody:
     """Seed 003's /generate-image/ form -> a native text2img body with the adapters loaded ahead."""
@@ -148,8 +148,8 @@ class ImagineBody(BaseModel):
     model_config = ConfigDict(extra="ignore", arbitrary_types_allowed=True, populate_by_name=True)
 
     prompt: str
-    H: int = Field(512, description="height")
-    W: int = Field(512, description="width")
+    H: int | None = Field(None, description="height; default the model's native size (seed 004's SD 1.x: 512)")
+    W: int | None = Field(None, description="width; default the model's native size")
     ddim_steps: int = 50
     n_samples: int = Field(1, ge=1, description="images per iteration")
     n_iter: int = Field(1, ge=1, description="iterations")

@@ -24,6 +24,7 @@ from api.compat.a1111 import (
 )
 from api.deps import EngineDep, SettingsDep
 from api.schemas import GenerationBody
+from api.security import check_may_cancel
 from api.serving import BatchRun, cancel_on_disconnect, generate_in_batches
 from models.errors import JobFinished
 from models.interface import EngineClient
@@ -84,23 +85,24 @@ async def progress(engine: EngineDep) -> dict[str, Any]:
 
 
 @router.post("/interrupt")
-async def interrupt(engine: EngineDep, state: StateDep) -> dict[str, Any]:
+async def interrupt(request: Request, engine: EngineDep, state: StateDep) -> dict[str, Any]:
     """The running A1111 job finishes now with its image so far (its request answers with it); the request's
     later iterations do not run."""
-    job_id = await _stop_current(engine, state, whole_run=True)
+    job_id = await _stop_current(request, engine, state, whole_run=True)
     return {"interrupted": job_id}
 
 
 @router.post("/skip")
-async def skip(engine: EngineDep, state: StateDep) -> dict[str, Any]:
+async def skip(request: Request, engine: EngineDep, state: StateDep) -> dict[str, Any]:
     """The running A1111 iteration finishes now with its image so far; the request goes on with the next one."""
-    return {"skipped": await _stop_current(engine, state, whole_run=False)}
+    return {"skipped": await _stop_current(request, engine, state, whole_run=False)}
 
 
-async def _stop_current(engine: EngineClient, state: A1111State, whole_run: bool) -> str | None:
+async def _stop_current(request: Request, engine: EngineClient, state: A1111State, whole_run: bool) -> str | None:
     job = await engine.current_job()
     if job is None or not job.options.source.startswith(SOURCE_PREFIX):
         return None
+    check_may_cancel(request, job)  # with API keys: the caller's own job, or an admin key
     run = state.run_of(job.id)
     if run is not None and whole_run:
         run.stopped = True

@@ -135,8 +135,8 @@ async def generate_image(
     engine: EngineDep,
     settings: SettingsDep,
     prompt: Annotated[str, Form()],
-    height: Annotated[int, Form()] = 512,
-    width: Annotated[int, Form()] = 512,
+    height: Annotated[int | None, Form()] = None,  # None: the model's native size (seed 003 served SD 1.5: 512)
+    width: Annotated[int | None, Form()] = None,
     num_inference_steps: Annotated[int, Form()] = 50,
     guidance_scale: Annotated[float, Form()] = 7.5,
     control_image: Annotated[UploadFile | None, File()] = None,

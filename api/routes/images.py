@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Query
 from fastapi.responses import FileResponse
 
 from api.deps import EngineDep
-from api.job_schemas import ImageInfo, ImageList
+from api.job_schemas import MAX_OFFSET, ImageInfo, ImageList
 
 router = APIRouter(prefix="/images", tags=["images"])
 ImageId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="An id from GET /images or a job.")]
@@ -18,7 +18,7 @@ ImageId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="An id from
 async def list_images(
     engine: EngineDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     model: Annotated[str | None, Query(max_length=200, description="Only this model's images.")] = None,
     prompt: Annotated[str | None, Query(max_length=500, description="Only prompts containing this text.")] = None,
 ) -> ImageList:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterable
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Response, status
+from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from api.deps import AnswersDep, EngineDep
-from api.job_schemas import JOB_ID_PATTERN, JobBody, JobCreated, JobInfo, JobLinks, JobList
+from api.job_schemas import JOB_ID_PATTERN, MAX_OFFSET, JobBody, JobCreated, JobInfo, JobLinks, JobList
+from api.security import check_may_cancel
 from api.serving import event_payload
 from models.types import JobSnapshot, JobStatus
 
@@ -38,7 +39,7 @@ async def create_job(body: JobBody, response: Response, engine: EngineDep) -> Jo
 async def list_jobs(
     engine: EngineDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
 ) -> JobList:
     page = await engine.jobs(limit, offset, status_filter)
@@ -58,9 +59,11 @@ async def get_job(job_id: JobId, engine: EngineDep, answers: AnswersDep) -> JobI
     summary="Cancel a job",
     responses={202: {"description": "Still running: it stops before its next step"}, 409: {"description": "Over"}},
 )
-async def cancel_job(job_id: JobId, response: Response, engine: EngineDep) -> JobInfo:
+async def cancel_job(job_id: JobId, request: Request, response: Response, engine: EngineDep) -> JobInfo:
     """A queued job is cancelled at once; a running one stops between two denoising steps (200 when that
-    happened within a moment, else 202). A finished job cannot be cancelled (409)."""
+    happened within a moment, else 202). A finished job cannot be cancelled (409). With API keys, only the key
+    that submitted it or an admin key may cancel it (403)."""
+    check_may_cancel(request, await engine.job(job_id, with_result=False))
     job = await engine.cancel(job_id, wait_s=CANCEL_WAIT_S)
     if not job.status.finished:
         response.status_code = status.HTTP_202_ACCEPTED

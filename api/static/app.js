@@ -1,6 +1,8 @@
 // The sdserve page: a form over POST /jobs, progress from GET /jobs/{id}/events, a gallery from GET /images
 // (limit/offset paging, filter by model or prompt text).
 // Plain browser JavaScript, no build step. Text from the server is only ever set with textContent.
+// On a server with API keys, the key typed at the top is kept in localStorage and sent as a header with every
+// request, the event stream and the gallery's image files included (so they are read with fetch, not by URL).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -8,6 +10,7 @@ const TERMINAL = new Set(["succeeded", "failed", "cancelled", "interrupted"]);
 const GALLERY_PAGE_SIZE = 12;
 const DEFAULT_STRENGTH = { img2img: 0.75, inpainting: 1.0 };
 const MAX_CANVAS_HEIGHT = 380;
+const KEY_STORAGE = "sdserve-api-key";
 
 const state = {
   task: "text2img",
@@ -31,11 +34,29 @@ class ApiError extends Error {
   }
 }
 
+function apiKey() {
+  try {
+    return localStorage.getItem(KEY_STORAGE) || "";
+  } catch {
+    return ""; // storage disabled: no key
+  }
+}
+
+function authHeaders() {
+  const key = apiKey();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
 async function api(path, options = {}) {
   const response = await fetch(path, {
     ...options,
-    headers: { Accept: "application/json", ...(options.body ? { "Content-Type": "application/json" } : {}) },
+    headers: {
+      Accept: "application/json",
+      ...(options.body ? { "Content-Type": "application/json" } : {}),
+      ...authHeaders(),
+    },
   });
+  if (response.status === 401) askForKey();
   const text = await response.text();
   let body = null;
   try {
@@ -49,6 +70,62 @@ async function api(path, options = {}) {
     throw new ApiError(detail, response);
   }
   return body;
+}
+
+function askForKey() {
+  $("api-key").classList.add("needed");
+  $("server-status").textContent = apiKey()
+    ? "server: this API key is not accepted"
+    : "server: an API key is needed (enter it at the top)";
+}
+
+function saveKey(event) {
+  event.preventDefault();
+  const key = $("api-key").value.trim();
+  try {
+    if (key) localStorage.setItem(KEY_STORAGE, key);
+    else localStorage.removeItem(KEY_STORAGE);
+  } catch {
+    showError("This browser does not keep the key (storage is disabled).");
+  }
+  $("api-key").classList.remove("needed");
+  loadServerState();
+  loadGallery(1);
+}
+
+// A file the server serves (a saved image) as something an <img> or a link can show: with a key it is fetched
+// with the key's header and shown from memory, since an <img src> cannot send a header.
+async function fileSource(url) {
+  if (!apiKey()) return url;
+  const response = await fetch(url, { headers: authHeaders() });
+  if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
+  return URL.createObjectURL(await response.blob());
+}
+
+// Server-Sent Events read with fetch (EventSource cannot send a key header): calls onEvent(name, data) for each
+// event, then resolves when the stream ends; rejects when it cannot be opened or breaks off.
+async function readEvents(url, onEvent, signal) {
+  const response = await fetch(url, { headers: { Accept: "text/event-stream", ...authHeaders() }, signal });
+  if (!response.ok || !response.body) throw new ApiError(`${response.status} ${response.statusText}`, response);
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value.replace(/\r\n/g, "\n");
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let name = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) name = line.slice(6).trim();
+        else if (line.startsWith("data:")) data.push(line.slice(5).trimStart());
+      }
+      if (data.length) onEvent(name, JSON.parse(data.join("\n")));
+    }
+  }
 }
 
 // Base64 image text (the API's images and previews) as something an <img> can show. Not a URL test: base64
@@ -71,6 +148,7 @@ async function loadServerState() {
       fillSchedulers(health.schedulers || []);
     }
   } catch (error) {
+    if (error.status === 401) return askForKey(); // saving a key loads it again
     $("server-status").textContent = `server unreachable: ${error.message}`;
     setTimeout(loadServerState, 3000);
   }
@@ -268,10 +346,11 @@ function buildRequest() {
     negative_prompt: text("negative_prompt") || null,
     model: form.model.value || null,
     steps: number("steps"),
-    cfg_scale: number("cfg_scale"),
     number_of_images: number("number_of_images"),
     seed: text("seed") === "" || number("seed") < 0 ? null : number("seed"),
   };
+  // Blank guidance and size: the model family's own (SDXL 5 and 1024x1024, FLUX 3.5, ...).
+  if (text("cfg_scale")) body.cfg_scale = number("cfg_scale");
   if (text("width")) body.width = number("width");
   if (text("height")) body.height = number("height");
   if (form.scheduler.value) body.scheduler = form.scheduler.value;
@@ -357,46 +436,44 @@ async function generate(event) {
 
 function follow(job) {
   const url = (job.links && job.links.events) || `/jobs/${job.id}/events`;
-  const source = new EventSource(url);
-  state.events = source;
-  const on = (name, handler) =>
-    source.addEventListener(name, (event) => {
-      if (state.events !== source) return;
-      handler(event.data ? JSON.parse(event.data) : {});
-    });
-  on("queued", (data) => {
-    setStatus(data.position ? `Queued: position ${data.position}` : "Queued");
-    setProgress(null);
-  });
-  on("started", () => {
-    setStatus("Running…");
-    setProgress(0, 1);
-  });
-  on("progress", (data) => {
-    setStatus(`Step ${data.step} of ${data.total_steps}`);
-    setProgress(data.step, data.total_steps);
-    if (data.preview) {
-      $("preview").src = imageSource(data.preview, "jpeg");
-      $("preview").hidden = false;
-    }
-  });
-  on("done", (data) => succeeded(data.result || data));
-  on("cancelled", () => finish("Cancelled."));
-  source.addEventListener("error", (event) => {
-    if (state.events !== source) return;
-    if (event.data) {
+  const stream = new AbortController();
+  state.events = stream;
+  const handlers = {
+    queued: (data) => {
+      setStatus(data.position ? `Queued: position ${data.position}` : "Queued");
+      setProgress(null);
+    },
+    started: () => {
+      setStatus("Running…");
+      setProgress(0, 1);
+    },
+    progress: (data) => {
+      setStatus(`Step ${data.step} of ${data.total_steps}`);
+      setProgress(data.step, data.total_steps);
+      if (data.preview) {
+        $("preview").src = imageSource(data.preview, "jpeg");
+        $("preview").hidden = false;
+      }
+    },
+    done: (data) => succeeded(data.result || data),
+    cancelled: () => finish("Cancelled."),
+    error: (data) => {
       // The server's own `error` event: the job failed.
-      const data = JSON.parse(event.data);
       finish("Failed.");
       showError(data.detail || "the job failed");
-    } else if (source.readyState === EventSource.CLOSED) {
-      // The stream could not be opened or was refused: read the job's state instead.
-      source.close();
+    },
+  };
+  const onEvent = (name, data) => {
+    if (state.events === stream && handlers[name]) handlers[name](data);
+  };
+  readEvents(url, onEvent, stream.signal)
+    .catch(() => {})
+    .then(() => {
+      // A stream that could not be opened, broke off or ended without a final event: read the job's state.
+      if (state.events !== stream) return;
       state.events = null;
       poll(job.id);
-    }
-    // Otherwise the connection dropped and EventSource reconnects by itself.
-  });
+    });
 }
 
 async function poll(jobId) {
@@ -421,7 +498,7 @@ async function poll(jobId) {
 }
 
 function stopFollowing() {
-  if (state.events) state.events.close();
+  if (state.events) state.events.abort();
   state.events = null;
   clearTimeout(state.pollTimer);
 }
@@ -524,7 +601,12 @@ async function loadGallery(page = state.galleryPage) {
   try {
     data = await api(`/images?${parameters}`);
   } catch (error) {
-    empty.textContent = error.status === 404 ? "This server keeps no image gallery." : `Could not load images: ${error.message}`;
+    empty.textContent =
+      error.status === 404
+        ? "This server keeps no image gallery."
+        : error.status === 401
+          ? "Enter the server's API key at the top to see its images."
+          : `Could not load images: ${error.message}`;
     empty.hidden = false;
     return null;
   }
@@ -538,9 +620,16 @@ async function loadGallery(page = state.galleryPage) {
     link.rel = "noopener";
     link.title = [item.prompt, `seed ${item.seed}`, item.model, `${item.width}x${item.height}`].join(" · ");
     const image = document.createElement("img");
-    image.src = link.href;
     image.alt = item.prompt || "generated image";
     image.loading = "lazy";
+    fileSource(link.href)
+      .then((source) => {
+        image.src = source;
+        link.href = source;
+      })
+      .catch(() => {
+        image.alt = "(could not load this image)";
+      });
     const caption = document.createElement("div");
     caption.className = "caption";
     caption.textContent = item.prompt || "";
@@ -580,6 +669,8 @@ function start() {
   window.addEventListener("resize", fitCanvas);
   $("generate-form").addEventListener("submit", generate);
   $("cancel").addEventListener("click", cancel);
+  $("api-key").value = apiKey();
+  $("key-form").addEventListener("submit", saveKey);
   $("gallery-filter").addEventListener("submit", (event) => {
     event.preventDefault();
     loadGallery(1);

@@ -24,7 +24,7 @@ from models.engine.device import DeviceConfig
 from models.errors import ControlNetNotFound, InvalidRequest, ModelUnavailable, PathNotAllowed
 from models.registry import Registry, builtins
 from models.settings import Settings
-from models.sources import is_hf_repo_id, is_inside_roots, looks_like_path
+from models.sources import has_control_characters, is_hf_repo_id, is_inside_roots, looks_like_path
 from models.tasks import task_spec
 from models.types import ControlNetInfo
 
@@ -198,6 +198,8 @@ class ControlNets:
         return controlnet
 
     def _locate(self, source: str, shown: str, trusted: bool) -> str | Path:
+        if has_control_characters(source):
+            raise InvalidRequest(f"ControlNet {shown!r}: a name or path cannot hold control characters")
         if source.startswith("demo:"):
             builtin = source.removeprefix("demo:")
             if builtin not in builtins.CONTROLNET_BUILDERS:

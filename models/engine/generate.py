@@ -14,10 +14,12 @@ from PIL import Image
 
 from models import metrics
 from models.engine import hires as hires_steps
+from models.engine.families import check_for_family, family_arguments, refiner_switch
 from models.engine.loras import with_trigger_words
 from models.engine.pipelines import LoadedModel
 from models.engine.schedulers import make_scheduler, scheduler_names
 from models.errors import InvalidRequest, JobCancelled
+from models.families import FAMILY_ARGUMENTS, Family
 from models.settings import Settings
 from models.tasks import TaskSpec, fit_image, task_spec
 from models.types import HIRES_UPSCALERS, ActiveLora, ControlNetUse, GenerationRequest, GenerationResult
@@ -31,23 +33,13 @@ def check_request(request: GenerationRequest, settings: Settings) -> None:
     scheduler's name. The schema already checked types, ranges and multiples of 8."""
     spec = task_spec(request.task)
     problems = spec.check_inputs(request)
-    if request.width is not None and request.width > settings.max_width:
-        problems.append(f"width {request.width} is over the limit {settings.max_width} (SDSERVE_MAX_WIDTH)")
-    if request.height is not None and request.height > settings.max_height:
-        problems.append(f"height {request.height} is over the limit {settings.max_height} (SDSERVE_MAX_HEIGHT)")
+    problems += _size_problems(request, settings)
     if request.steps > settings.max_steps:
         problems.append(f"steps {request.steps} is over the limit {settings.max_steps} (SDSERVE_MAX_STEPS)")
     if request.num_images > settings.max_images:
         problems.append(
             f"number_of_images {request.num_images} is over the limit {settings.max_images} (SDSERVE_MAX_IMAGES)"
         )
-    if request.image is not None and request.width is None and request.height is None:
-        width, height = request.image.size
-        if width > settings.max_width or height > settings.max_height:
-            problems.append(
-                f"the input image is {width}x{height}, over the limit {settings.max_width}x{settings.max_height}; "
-                "send a smaller image or set width and height to resize it"
-            )
     if len(request.loras) > settings.max_loras_per_request:
         problems.append(f"{len(request.loras)} LoRAs in one request; at most {settings.max_loras_per_request} "
                         "(SDSERVE_MAX_LORAS_PER_REQUEST)")
@@ -60,6 +52,41 @@ def check_request(request: GenerationRequest, settings: Settings) -> None:
                         "raise strength or steps so that strength x steps >= 1")
     if problems:
         raise InvalidRequest("; ".join(problems))
+
+
+MIN_SIDE = 64
+
+
+def size_from_image(request: GenerationRequest, multiple: int = 8) -> tuple[int, int] | None:
+    """The output size of a request with an input image: each side as asked, else the image's own (down to the
+    family's multiple: 8, or 16 for SD 3.x and FLUX). None without an input image (the model's native size fills
+    in what is missing)."""
+    if request.image is None:
+        return None
+    image_width, image_height = request.image.size
+    return (request.width or image_width - image_width % multiple,
+            request.height or image_height - image_height % multiple)
+
+
+def _size_problems(request: GenerationRequest, settings: Settings) -> list[str]:
+    """Both sides of the output, as they will be once resolved from an input image, inside the limits; and the
+    decoded input images of the request inside its pixel budget."""
+    problems = []
+    resolved = size_from_image(request)
+    width, height = resolved or (request.width, request.height)
+    from_image = " (taken from the input image; set width and height to resize it)" if resolved else ""
+    for side, value, limit, setting in (("width", width, settings.max_width, "SDSERVE_MAX_WIDTH"),
+                                        ("height", height, settings.max_height, "SDSERVE_MAX_HEIGHT")):
+        if value is not None and value > limit:
+            problems.append(f"{side} {value}{from_image} is over the limit {limit} ({setting})")
+        elif value is not None and value < MIN_SIDE:
+            problems.append(f"{side} {value}{from_image} is under the minimum {MIN_SIDE}")
+    inputs = [request.image, request.mask_image, *(control.image for control in request.controlnets)]
+    pixels = sum(image.width * image.height for image in inputs if image is not None)
+    if pixels > settings.max_input_pixels:
+        problems.append(f"the input images hold {pixels} pixels together; at most {settings.max_input_pixels} "
+                        "(SDSERVE_MAX_INPUT_PIXELS)")
+    return problems
 
 
 def _check_controlnets_and_hires(request: GenerationRequest, settings: Settings) -> list[str]:
@@ -94,22 +121,26 @@ def _check_controlnets_and_hires(request: GenerationRequest, settings: Settings)
 
 
 def resolve_size(request: GenerationRequest, model: LoadedModel) -> tuple[int, int]:
-    """Explicit size, else the input image's size (down to a multiple of 8), else the model's native size."""
-    if request.image is not None:
-        image_width, image_height = request.image.size
-        width = request.width or max(8, image_width - image_width % 8)
-        height = request.height or max(8, image_height - image_height % 8)
-        return width, height
+    """Explicit size, else the input image's size (down to the family's multiple: 8, or 16 for SD 3.x and FLUX),
+    else the model's native size."""
+    resolved = size_from_image(request, model.family.size_multiple)
+    if resolved is not None:
+        return resolved
     native_width, native_height = model.default_size()
     return request.width or native_width, request.height or native_height
+
+
+Refiner = tuple[DiffusionPipeline, LoadedModel]
 
 
 def batch_key(request: GenerationRequest, model: str) -> tuple[Any, ...] | None:
     """Requests with equal keys can share one pipeline call (micro-batching): the same model, task, size, steps,
     scheduler, guidance, strength and LoRAs at the same scales. Prompts, negative prompts, seeds, image counts and
     input images may differ. None: the request runs alone (ControlNets' conditioning images and a hires fix's
-    second pass are per call)."""
+    second pass are per call, and so are a model family's own arguments, a refiner above all)."""
     if request.controlnets or request.hires is not None:
+        return None
+    if any(getattr(request, name) is not None for name in FAMILY_ARGUMENTS):
         return None
     input_size = request.image.size if request.image is not None else None
     return (model, request.task, request.width, request.height, input_size, request.steps, request.scheduler,
@@ -123,9 +154,10 @@ def generate(
     on_step: StepCallback,
     is_cancelled: Callable[[], bool],
     on_latents: LatentsCallback | None = None,
+    refiner: Refiner | None = None,
 ) -> GenerationResult:
     """Run one request (its seed already drawn) on `pipeline`, a pipeline of `model` for the request's task."""
-    return generate_batch(pipeline, model, [request], on_step, is_cancelled, on_latents)[0]
+    return generate_batch(pipeline, model, [request], on_step, is_cancelled, on_latents, refiner=refiner)[0]
 
 
 def generate_batch(
@@ -137,51 +169,71 @@ def generate_batch(
     on_latents: LatentsCallback | None = None,
     second_pipeline: DiffusionPipeline | None = None,
     stop_early: Callable[[], bool] | None = None,
+    refiner: Refiner | None = None,
 ) -> list[GenerationResult]:
     """Run requests with one batch key in one pipeline call: one entry (prompt, generator, input image) per image,
     so each image starts from its own seed's noise; `on_latents` gets every image's latents, in request order.
-    A lone request may carry a hires fix, whose img2img second pass runs on `second_pipeline`. `stop_early` asks
-    to finish at the next step with the images so far (A1111's interrupt)."""
-    # 1. What the requests resolve to on this model: the same size, scheduler and LoRAs for all (their key).
+    A lone request may carry a hires fix, whose img2img second pass runs on `second_pipeline`, or an SDXL
+    `refiner` (its pipeline for the task and its model) that runs the last steps. `stop_early` asks to finish at
+    the next step with the images so far (A1111's interrupt)."""
+    # 1. What the requests resolve to on this model and its family: the same size, scheduler, guidance and LoRAs
+    #    for all (their key).
     started = time.perf_counter()
     first = requests[0]
     spec = task_spec(first.task)
+    family = model.family
+    for request in requests:
+        check_for_family(request, family, model.name)
     if any(request.seed is None for request in requests):
         raise ValueError("the engine draws the seed before a request runs")
     width, height = resolve_size(first, model)
     seeds = [[request.seed + index for index in range(request.num_images)] for request in requests]  # type: ignore[operator]
     counts = [request.num_images for request in requests]
     hires = first.hires if len(requests) == 1 else None
+    guidance = family.guidance_for(first)
     # 2. A scheduler of its own (never one shared with an earlier run) and exactly the requests' LoRAs.
-    pipeline.scheduler = make_scheduler(first.scheduler, model.scheduler_config)
+    pipeline.scheduler = make_scheduler(first.scheduler, model.scheduler_config, family)
     loras = model.loras.activate(first.loras)
     prompts = [with_trigger_words(request.prompt, loras) for request in requests]
     # 3. The call: CPU generators give the same starting noise on every device, so a seed reproduces anywhere.
     progress = _Progress(on_step, second=hires_steps.expected_second_pass_steps(hires, first.steps) if hires else 0)
     stopped: dict[str, int] = {}
+    if on_latents is not None and family.packed_latents:
+        on_latents = _unpacking(on_latents, pipeline, width, height)
     negatives = [request.negative_prompt or "" for request in requests]
     all_seeds = [seed for request_seeds in seeds for seed in request_seeds]
     common: dict[str, Any] = {
         "prompt": _per_image(prompts, counts),
-        "negative_prompt": _per_image(negatives, counts) if any(negatives) else None,
-        "guidance_scale": first.guidance_scale,
+        "guidance_scale": guidance,
         "num_images_per_prompt": 1,
     }
+    if family.negative_prompt:
+        common["negative_prompt"] = _per_image(negatives, counts) if any(negatives) else None
+    # A family's own arguments come with a request that runs alone: its extra prompts, one per image like `prompt`.
+    common |= {name: _per_image([value], counts) if isinstance(value, str) else value
+               for name, value in family_arguments(first).items()}
+    meter = metrics.StepMeter(model.name, progress.first)
     arguments: dict[str, Any] = common | {
         "num_inference_steps": first.steps,
         "generator": _generators(all_seeds),
-        "callback_on_step_end": _step_hook(metrics.StepMeter(model.name, progress.first), is_cancelled, on_latents,
-                                           stop_early, stopped),
+        "callback_on_step_end": _step_hook(meter, is_cancelled, on_latents, stop_early, stopped),
     }
-    per_request = [spec.image_arguments(request, width, height) for request in requests]
+    per_request = [spec.image_arguments(request, width, height, family.img2img_takes_size) for request in requests]
     for name, value in per_request[0].items():
         arguments[name] = _per_image([each[name] for each in per_request], counts) if name in _PER_IMAGE else value
     if len(requests) == 1:
         arguments |= _controlnet_arguments(spec, first, width, height)
     if hires is not None and hires_steps.is_latent(hires):
         arguments["output_type"] = "latent"
+    family_used = family_arguments(first) | ({"guidance": guidance} if first.guidance is not None else {})
     with torch.inference_mode():
-        images = pipeline(**arguments).images
+        if refiner is None:
+            images = pipeline(**arguments).images
+        else:
+            switch = refiner_switch(first)
+            images = _refined(pipeline, arguments, refiner, first, switch, meter, is_cancelled, on_latents,
+                              stop_early, stopped)
+            family_used |= {"refiner": refiner[1].name, "refiner_switch_at": switch}
     if is_cancelled():
         raise JobCancelled("cancelled")
     # 4. Hires fix: upscale the first pass and run img2img at the larger size (skipped once asked to stop early).
@@ -193,7 +245,7 @@ def generate_batch(
         else:
             assert second_pipeline is not None, "the worker derives the img2img pipeline for hires requests"
             images = _second_pass(second_pipeline, model, first, common, all_seeds, images, progress, is_cancelled,
-                                  stop_early, stopped)
+                                  stop_early, stopped, family)
             width, height = hires.width, hires.height
     # 5. Inpainting keeps the pixels outside the mask exactly: a VAE round trip would shift them slightly.
     if spec.needs_mask:
@@ -205,7 +257,8 @@ def generate_batch(
         result = _result(request, model, images[offset:offset + request.num_images], request_seeds, prompt,
                          (width, height), loras, seconds, len(images))
         results.append(replace(result, hires=hires, first_pass_size=first_pass_size,
-                               stopped_at_step=stopped.get("step")))
+                               stopped_at_step=stopped.get("step"), family=family.name,
+                               family_arguments=family_used))
         offset += request.num_images
     return results
 
@@ -234,7 +287,7 @@ def _result(
         width=size[0],
         height=size[1],
         steps=request.steps,
-        guidance_scale=request.guidance_scale,
+        guidance_scale=model.family.guidance_for(request),
         strength=task_spec(request.task).strength(request),
         scheduler=request.scheduler or model.scheduler_config["_class_name"],
         scheduler_name=request.scheduler,
@@ -253,13 +306,14 @@ def _generators(seeds: list[int]) -> list[torch.Generator]:
 def _second_pass(
     pipeline: DiffusionPipeline, model: LoadedModel, request: GenerationRequest, common: dict[str, Any],
     seeds: list[int], first: Any, progress: _Progress, is_cancelled: Callable[[], bool],
-    stop_early: Callable[[], bool] | None, stopped: dict[str, int],
+    stop_early: Callable[[], bool] | None, stopped: dict[str, int], family: Family,
 ) -> list[Image.Image]:
     """Hires fix's img2img pass on the upscaled first pass, with the same seeds (as A1111 does)."""
     hires = request.hires
     assert hires is not None
-    pipeline.scheduler = make_scheduler(request.scheduler, model.scheduler_config)
-    arguments = common | {
+    pipeline.scheduler = make_scheduler(request.scheduler, model.scheduler_config, family)
+    size = {"width": hires.width, "height": hires.height} if family.img2img_takes_size else {}
+    arguments = common | size | {
         "image": hires_steps.upscale(first, hires, model.base.vae_scale_factor),
         "strength": hires.strength,
         "num_inference_steps": hires_steps.second_pass_steps(hires, request.steps),
@@ -276,10 +330,64 @@ def _second_pass(
 
 
 def _decoded(pipeline: DiffusionPipeline, latents: torch.Tensor) -> list[Image.Image]:
-    """First-pass latents as pictures, when a hires job was stopped before its second pass."""
+    """First-pass latents as pictures, when a hires job (or a refined one) was stopped before its second pass.
+    SD 3's VAE shifts its latents as well as scaling them."""
+    config = pipeline.vae.config
     with torch.inference_mode():
-        decoded = pipeline.vae.decode(latents / pipeline.vae.config.scaling_factor, return_dict=False)[0]
+        unscaled = latents / config.scaling_factor + (config.get("shift_factor") or 0.0)
+        decoded = pipeline.vae.decode(unscaled.to(pipeline.vae.dtype), return_dict=False)[0]
     return pipeline.image_processor.postprocess(decoded, output_type="pil")
+
+
+def _refined(
+    pipeline: DiffusionPipeline, arguments: dict[str, Any], refiner: Refiner, request: GenerationRequest,
+    switch: float, on_step: StepCallback, is_cancelled: Callable[[], bool], on_latents: LatentsCallback | None,
+    stop_early: Callable[[], bool] | None, stopped: dict[str, int],
+) -> list[Image.Image]:
+    """SDXL's ensemble of experts: the base denoises down to `switch` and hands its latents over; the refiner
+    (an img2img or inpainting pipeline) starts there and finishes. Steps count on from the base's. Asked to stop
+    early during the base's steps, the base's latents are decoded and the refiner does not run."""
+    refiner_pipeline, refiner_model = refiner
+    expected_rest = max(1, round(request.steps * (1 - switch)))
+    base_hook = _step_hook(lambda step, total: on_step(step, total + expected_rest), is_cancelled, on_latents,
+                           stop_early, stopped)
+    latents = pipeline(**arguments | {"denoising_end": switch, "output_type": "latent",
+                                      "callback_on_step_end": base_hook}).images
+    if is_cancelled():
+        raise JobCancelled("cancelled")
+    if stopped:
+        return _decoded(pipeline, latents)
+    done = pipeline.num_timesteps
+    refiner_pipeline.scheduler = make_scheduler(request.scheduler, refiner_model.scheduler_config,
+                                                refiner_model.family)
+    refiner_arguments = {
+        key: value for key, value in arguments.items()
+        if key not in ("width", "height", "callback_on_step_end", "generator", "image", "strength")
+    }
+    if not refiner_model.family.negative_prompt:
+        refiner_arguments.pop("negative_prompt", None)
+    refiner_arguments |= {
+        "image": latents,
+        "denoising_start": switch,
+        "generator": _generators([generator.initial_seed() for generator in arguments["generator"]]),
+        "callback_on_step_end": _step_hook(lambda step, total: on_step(done + step, done + total), is_cancelled,
+                                           on_latents, stop_early, stopped),
+    }
+    if "mask_image" in arguments:
+        refiner_arguments |= {"mask_image": arguments["mask_image"], "width": arguments["width"],
+                              "height": arguments["height"]}
+    return refiner_pipeline(**refiner_arguments).images
+
+
+def _unpacking(on_latents: LatentsCallback, pipeline: DiffusionPipeline, width: int, height: int) -> LatentsCallback:
+    """FLUX pipelines pack 2x2 latent patches into tokens: unpack them to (batch, channels, h, w) for previews."""
+
+    def unpacked(step: int, latents: torch.Tensor) -> None:
+        if latents.ndim == 3:
+            latents = type(pipeline)._unpack_latents(latents, height, width, pipeline.vae_scale_factor)
+        on_latents(step, latents)
+
+    return unpacked
 
 
 class _Progress:

@@ -27,11 +27,13 @@ from safetensors import SafetensorError
 from models import metrics
 from models.errors import AdapterNotFound, InvalidRequest, PathNotAllowed
 from models.registry import Registry, RegistryEntry
+from models.registry.detect import safetensors_keys
 from models.settings import Settings
 from models.sources import (
     PICKLE_SUFFIXES,
     WEIGHT_SUFFIXES,
     allowed_roots,
+    has_control_characters,
     hf_cache_dir,
     is_hf_repo_id,
     is_inside_roots,
@@ -79,6 +81,8 @@ class LoraResolver:
 
     def resolve(self, spec: LoraSpec) -> ResolvedLora:
         shown = spec.name
+        if has_control_characters(spec.name + (spec.weight_name or "")):
+            raise InvalidRequest(f"LoRA {shown!r}: a name, path or weight_name cannot hold control characters")
         entry = self._registry_entry(spec.name)
         source = entry.source if entry else spec.name
         weight_name = spec.weight_name or (entry.weight_name if entry else None)
@@ -361,6 +365,7 @@ class LoraAdapters:
                 f"LoRA {resolved.reference!r} has no weights for the UNet or text encoder of model "
                 f"{self.model_name!r}: it was made for another base architecture"
             )
+        self._check_denoiser_took_it(name, resolved)
         lora = _LoadedLora(name, resolved, stamp, resolved.default_scale, resolved.trigger_words)
         self._loaded[resolved.target] = lora
         metrics.adapter_loaded(name)
@@ -372,6 +377,20 @@ class LoraAdapters:
             logger.info("unloading LoRA %r from %r (least recently used)", oldest.adapter_name, self.model_name)
             self._unload(oldest)
         return lora
+
+    def _check_denoiser_took_it(self, name: str, resolved: ResolvedLora) -> None:
+        """A LoRA with UNet / transformer layers that only reached the text encoder was made for another family
+        (an SDXL LoRA on FLUX: both have a CLIP-L text encoder): refuse it rather than half apply it."""
+        denoiser = "unet" if hasattr(self.pipeline, "unet") else "transformer"
+        if name in self.pipeline.get_list_adapters().get(denoiser, []) or resolved.file.suffix != ".safetensors":
+            return
+        keys = safetensors_keys(resolved.file)
+        if any(not key.startswith(("text_encoder", "lora_te")) for key in keys):
+            self._delete_adapter(name)
+            raise InvalidRequest(
+                f"LoRA {resolved.reference!r} does not fit model {self.model_name!r}: its {denoiser} layers were "
+                "made for another base architecture (only text encoder layers matched)"
+            )
 
     def _delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter from every component that has it; after a failed load that may be the UNet alone."""

@@ -14,23 +14,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 
 from models import metrics
+from models.engine.backends import apply_backend, backend_for
 from models.engine.controlnets import ControlNets
 from models.engine.device import DeviceConfig
+from models.engine.families import family_of_pipeline, native_size
 from models.engine.loras import LoraAdapters, LoraResolver
 from models.errors import AdapterNotFound, InvalidRequest, ModelUnavailable
+from models.families import FAMILIES, Family, family_of_checkpoint_keys
 from models.registry import BASE_KINDS, Registry, RegistryEntry, builtins
+from models.registry.detect import safetensors_keys
 from models.settings import Settings
 from models.sources import looks_like_path, pickle_refusal
 from models.tasks import task_spec
 from models.types import ControlNetInfo, LoraInfo, LoraSpec, ModelState, PipelineInfo
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -42,16 +46,18 @@ class LoadedModel:
     weight_bytes: int
     load_seconds: float
     loras: LoraAdapters  # the LoRAs loaded into this base, shared by its derived pipelines
+    family: Family
+    native_size: int  # the size it was trained at: the default output size
+    loaded_task: str = "text2img"  # the task of the pipeline it was loaded as (an SDXL refiner loads as img2img)
     loaded_at: float = field(default_factory=time.time)
 
     @property
     def base(self) -> DiffusionPipeline:
-        return self.pipelines["text2img"]
+        """The pipeline the model was loaded as; the other tasks' pipelines are derived from it."""
+        return self.pipelines[self.loaded_task]
 
     def default_size(self) -> tuple[int, int]:
-        unet = self.base.unet
-        size = unet.config.sample_size * self.base.vae_scale_factor
-        return size, size
+        return self.native_size, self.native_size
 
 
 class PipelineCache:
@@ -74,29 +80,38 @@ class PipelineCache:
         return list(self._models.values())
 
     def get(
-        self, name: str, task: str, controlnets: tuple[str, ...] = ()
+        self, name: str, task: str, controlnets: tuple[str, ...] = (), keep: tuple[str, ...] = ()
     ) -> tuple[DiffusionPipeline, LoadedModel]:
         """The pipeline for `task` on base `name`, loading the base or deriving the task pipeline once; with
         ControlNet names, the ControlNet variant of that pipeline on the same components (several: diffusers'
-        multi-ControlNet)."""
-        model = self._models.get(name)
-        if model is None:
-            entry = self.registry.get(name, kinds=BASE_KINDS)
-            model = self._load(name, entry)
-            self._models[name] = model
-            self._enforce_bounds(keep=name)
-            metrics.model_loaded(name, model.load_seconds, len(self._models))
-        self._models.move_to_end(name)
-        self.loaded_now = tuple(self._models)
-        if self._last_used is not None and self._last_used != name:
-            metrics.model_switched(name)
-        self._last_used = name
+        multi-ControlNet). Loading never unloads the models named in `keep` (the base of a job whose refiner this
+        is)."""
+        model = self.load(name, keep)
+        if task not in model.family.tasks:
+            raise InvalidRequest(f"model {name!r} ({model.family.label}) does not do {task}; it does "
+                                 + ", ".join(model.family.tasks))
         self.controlnets.applied[name] = controlnets
         if controlnets:
             return self.controlnets.pipeline_for(model.base, name, task, controlnets), model
         if task not in model.pipelines:
             model.pipelines[task] = self._derive(model, task)
         return model.pipelines[task], model
+
+    def load(self, name: str, keep: tuple[str, ...] = ()) -> LoadedModel:
+        """Base `name`, loaded once and kept as the most recently used."""
+        model = self._models.get(name)
+        if model is None:
+            entry = self.registry.get(name, kinds=BASE_KINDS)
+            model = self._load(name, entry)
+            self._models[name] = model
+            self._enforce_bounds(keep=(name, *keep))
+            metrics.model_loaded(name, model.load_seconds, len(self._models))
+        self._models.move_to_end(name)
+        self.loaded_now = tuple(self._models)
+        if self._last_used is not None and self._last_used != name:
+            metrics.model_switched(name)
+        self._last_used = name
+        return model
 
     def evict(self, name: str) -> bool:
         model = self._models.pop(name, None)
@@ -115,7 +130,9 @@ class PipelineCache:
 
     # -- administration between jobs: LoRAs and ControlNets loaded ahead, what is loaded where ------------------
     def preload_lora(self, model_name: str, spec: LoraSpec, adapter_name: str | None, scale: float | None) -> LoraInfo:
-        _, model = self.get(model_name, "text2img")
+        model = self.load(model_name)
+        if not model.family.lora_layouts:
+            raise InvalidRequest(f"model {model_name!r} ({model.family.label}) does not take LoRAs here")
         return model.loras.preload(spec, adapter_name, scale)
 
     def unload_lora(self, name: str, model_name: str | None = None) -> dict[str, list[str]]:
@@ -142,8 +159,7 @@ class PipelineCache:
 
     def preload_controlnet(self, source: str, name: str | None, check_model: str) -> ControlNetInfo:
         """Load a ControlNet ahead, refused now if it does not fit `check_model`'s UNet."""
-        base, _ = self.get(check_model, "text2img")
-        return self.controlnets.preload(source, name, check_against=(check_model, base))
+        return self.controlnets.preload(source, name, check_against=(check_model, self.load(check_model).base))
 
     def state(self) -> list[ModelState]:
         """Every loaded base, most recently used first, with its task pipelines, schedulers and adapters."""
@@ -161,7 +177,7 @@ class PipelineCache:
             for model in reversed(self.loaded())
         ]
 
-    def _enforce_bounds(self, keep: str) -> None:
+    def _enforce_bounds(self, keep: tuple[str, ...]) -> None:
         budget = self.settings.memory_budget_gb
         while len(self._models) > 1:
             total = sum(model.weight_bytes for model in self._models.values())
@@ -169,7 +185,9 @@ class PipelineCache:
             over_budget = budget is not None and total > budget * 2**30
             if not (over_count or over_budget):
                 return
-            oldest = next(name for name in self._models if name != keep)
+            oldest = next((name for name in self._models if name not in keep), None)
+            if oldest is None:  # everything loaded is in use by this job: over the bound until it ends
+                return
             self.evict(oldest)
 
     # -- loading -------------------------------------------------------------------------------------------
@@ -177,15 +195,26 @@ class PipelineCache:
         started = time.perf_counter()
         logger.info("loading model %r from %s", name, entry.source)
         pipeline = self._from_source(name, entry)
+        family = family_of_pipeline(pipeline, entry.family)
         pipeline = self._place(pipeline)
+        # The backend hook: placed and typed, before any LoRA is loaded (models/engine/backends.py says why).
+        apply_backend(pipeline, backend_for(entry.backend, self.settings.backend), self.device.device,
+                      self.settings.cache_dir, name)
         pipeline.set_progress_bar_config(disable=True)
         seconds = time.perf_counter() - started
         weights = _weight_bytes(pipeline)
-        logger.info("model %r loaded in %.1fs (%.0f MB of weights)", name, seconds, weights / 2**20)
+        builtin = builtins.BUILDERS.get(entry.source.removeprefix("demo:"))
+        size = (builtin.native_size if builtin and entry.source.startswith("demo:") else None) or native_size(pipeline)
+        loaded_task = "text2img" if "text2img" in family.tasks else family.tasks[0]
+        logger.info("model %r (%s) loaded in %.1fs (%.0f MB of weights, native size %d)", name, family.label,
+                    seconds, weights / 2**20, size)
         return LoadedModel(
             name=name,
             entry=entry,
-            pipelines={"text2img": pipeline},
+            pipelines={loaded_task: pipeline},
+            family=family,
+            native_size=size,
+            loaded_task=loaded_task,
             scheduler_config=pipeline.scheduler.config,
             weight_bytes=weights,
             load_seconds=seconds,
@@ -235,9 +264,28 @@ class PipelineCache:
             raise ModelUnavailable(refusal)
         if entry.config:
             options["config"] = entry.config
-        return StableDiffusionPipeline.from_single_file(
-            str(path), local_files_only=not self.settings.allow_downloads, **options
-        )
+        family = self._single_file_family(name, entry, path)
+        pipeline_class = getattr(diffusers, family.single_file_class)
+        logger.info("model %r: %s is a %s checkpoint; loading it with %s.from_single_file", name, path.name,
+                    family.label, pipeline_class.__name__)
+        return pipeline_class.from_single_file(str(path), local_files_only=not self.settings.allow_downloads,
+                                               **options)
+
+    @staticmethod
+    def _single_file_family(name: str, entry: RegistryEntry, path: Path) -> Family:
+        """The entry's family, else the one the checkpoint's tensor names show (safetensors only: a pickle's
+        names cannot be read without running it); SD 1.x when nothing tells, as before families existed."""
+        if entry.family is not None:
+            return FAMILIES[entry.family]
+        if path.suffix != ".safetensors":
+            return FAMILIES["sd"]
+        detected = family_of_checkpoint_keys(safetensors_keys(path))
+        if detected is None:
+            raise ModelUnavailable(
+                f"model {name!r}: {path.name} is not a checkpoint this server recognises (SD 1.x/2.x, SDXL, SDXL "
+                "refiner, SD 3.x or FLUX in the original layout); set `family` in its registry entry"
+            )
+        return FAMILIES[detected]
 
     def _place(self, pipeline: DiffusionPipeline) -> DiffusionPipeline:
         if self.device.low_memory and self.device.device.type == "cuda":

@@ -2,8 +2,10 @@
 
 A full VAE decode per preview would cost as much as a denoising step. Instead each VAE gets a per-channel
 linear approximation (latent channels + bias -> RGB), fitted once by least squares from the VAE's own encoder
-on a few flat-coloured test images. That works for any latent layout (SD 1.x, SDXL, the demo's pass-through
-VAE) without tables of constants, and costs a few small encoder passes the first time a model is previewed.
+on a few flat-coloured test images. That works for any latent layout (SD 1.x, SDXL, SD 3.x and FLUX's 16
+channels with their shift, the demo's pass-through VAE) without tables of constants, and costs a few small encoder
+passes the first time a model is previewed. FLUX's latents, packed 2x2 into tokens, arrive here unpacked
+(models/engine/generate.py does it, knowing the image size).
 """
 
 from __future__ import annotations

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from models.engine import device_memory
-from models.engine.generate import batch_key, check_request, generate_batch
-from models.engine.pipelines import PipelineCache
+from models.engine.families import check_for_family, check_refiner
+from models.engine.generate import Refiner, batch_key, check_request, generate_batch
+from models.engine.pipelines import LoadedModel, PipelineCache
 from models.engine.previews import LatentPreviewer
 from models.errors import JobCancelled, NotReady, QueueFull, SdserveError
 from models.logcontext import current_request_id, log_context
@@ -354,6 +355,8 @@ class GenerationWorker:
             controlnets = tuple(control.name for control in first.controlnets)
             pipeline, model = self.cache.get(jobs[0].model, first.task, controlnets=controlnets)
             second = self.cache.get(jobs[0].model, "img2img", controlnets=controlnets)[0] if first.hires else None
+            # A request with a refiner runs alone (its batch key is None).
+            refiner = self._refiner(jobs[0], model) if first.refiner is not None else None
             on_step, on_latents = self._progress_hooks(jobs, pipeline)
             device_memory.reset_peak()
             results = generate_batch(
@@ -361,6 +364,7 @@ class GenerationWorker:
                 on_latents=on_latents, second_pipeline=second,
                 # A1111's interrupt: the images so far, once every job of the call asked for it.
                 stop_early=lambda: all(job.stop_requested.is_set() for job in jobs if not job.done),
+                refiner=refiner,
             )
             peak = device_memory.peak_mb()
             results = [replace(result, peak_memory_mb=peak) for result in results]
@@ -427,6 +431,17 @@ class GenerationWorker:
             job.future.set_exception(JobCancelled(error or "cancelled"))
         else:
             job.future.set_exception(exception or SdserveError(error or "failed"))
+
+    def _refiner(self, job: Job, model: LoadedModel) -> Refiner:
+        """The refiner's pipeline for the job's last steps (img2img, or inpainting for an inpainting job), loaded
+        without unloading the job's base."""
+        request = job.request
+        assert request.refiner is not None
+        check_for_family(request, model.family, model.name)  # the base takes a refiner, before loading one
+        task = "inpainting" if request.task == "inpainting" else "img2img"
+        pipeline, refiner = self.cache.get(request.refiner, task, keep=(job.model,))
+        check_refiner(request.refiner, job.model, refiner.family)
+        return pipeline, refiner
 
     def _progress_hooks(
         self, jobs: list[Job], pipeline: Any

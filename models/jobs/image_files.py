@@ -57,6 +57,8 @@ def reproduction_body(task: str, result: GenerationResult, index: int) -> dict[s
         body["width"], body["height"] = result.first_pass_size or (result.width, result.height)
         body["hires"] = {"width": hires.width, "height": hires.height, "upscaler": hires.upscaler,
                          "steps": hires.steps, "strength": hires.strength}
+    body |= {name: list(value) if isinstance(value, tuple) else value
+             for name, value in result.family_arguments.items()}
     if result.loras:
         body["loras"] = [
             {"name": lora.name, "scale": lora.scale} | ({"weight_name": lora.weight_name} if lora.weight_name else {})
@@ -73,10 +75,12 @@ def a1111_parameters(result: GenerationResult, index: int) -> str:
     lines = [prompt]
     if result.negative_prompt:
         lines.append(f"Negative prompt: {result.negative_prompt}")
+    # FLUX has no classifier-free guidance: its guidance is what Forge writes as "Distilled CFG Scale".
+    guidance = "Distilled CFG Scale" if result.family == "flux" else "CFG scale"
     fields: list[tuple[str, Any]] = [
         ("Steps", result.steps),
         ("Sampler", result.scheduler),
-        ("CFG scale", result.guidance_scale),
+        (guidance, result.guidance_scale),
         ("Seed", result.seeds[index]),
         ("Size", "{}x{}".format(*(result.first_pass_size or (result.width, result.height)))),
     ]
@@ -88,6 +92,9 @@ def a1111_parameters(result: GenerationResult, index: int) -> str:
     if result.hires is not None:
         fields += [("Denoising strength", result.hires.strength), ("Hires resize", f"{result.width}x{result.height}"),
                    ("Hires steps", result.hires.steps or result.steps), ("Hires upscaler", result.hires.upscaler)]
+    refiner = result.family_arguments.get("refiner")
+    if refiner:
+        fields += [("Refiner", refiner), ("Refiner switch at", result.family_arguments.get("refiner_switch_at"))]
     hashed = [lora for lora in result.loras if lora.sha256]
     if hashed:
         fields.append(("Lora hashes", '"' + ", ".join(f"{lora.name}: {lora.sha256[:12]}" for lora in hashed) + '"'))

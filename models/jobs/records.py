@@ -67,6 +67,9 @@ def job_row(job: Job, save_images: bool) -> dict[str, Any]:
             "loras": [asdict(lora) for lora in result.loras],
             "prompt_used": result.prompt,
             "controlnet": _controlnets_column(result.controlnets),
+            "family": result.family,
+            "family_arguments": result.family_arguments,
+            "guidance_scale": result.guidance_scale,
             "seeds": result.seeds,
             "width": result.width,
             "height": result.height,
@@ -141,6 +144,8 @@ def _recorded_result(record: JobRecord, output_dir: Path) -> GenerationResult | 
         controlnets=_controlnets_from_column(record.controlnet),
         model_sha256=record.model_sha256,
         timings=dict(record.timings or {}),
+        family=record.family,
+        family_arguments=dict(record.family_arguments or {}),
     )
 
 

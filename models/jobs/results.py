@@ -57,7 +57,8 @@ def cache_key(request: GenerationRequest, model: str, entries: dict[str, Registr
     controlnets = [control.name for control in request.controlnets]
     if any(name not in entries for name in controlnets):
         return None  # a ControlNet loaded with /load-controlnet/ can be replaced under the same name
-    names = [model, *(lora.name for lora in request.loras), *controlnets]
+    refiner = [request.refiner] if request.refiner else []
+    names = [model, *(lora.name for lora in request.loras), *controlnets, *refiner]
     identity = {
         "parameters": request_parameters(request),
         "model": model,

@@ -88,6 +88,10 @@ class JobRecord(Base):
     parameters: Mapped[dict[str, Any]] = mapped_column(JSON, doc="Every request parameter, as queued")
     prompt_used: Mapped[str | None] = mapped_column(Text, doc="The prompt the pipeline got (trigger words added)")
     controlnet: Mapped[dict[str, Any] | None] = mapped_column(JSON, doc="The ControlNet it ran with")
+    family: Mapped[str | None] = mapped_column(String(16), doc="The model's family: sd, sdxl, sd3, flux, ...")
+    family_arguments: Mapped[dict[str, Any] | None] = mapped_column(
+        JSON, doc="The family's own arguments it ran with (prompt_2, original_size, refiner, guidance, ...)"
+    )
     seed_origin: Mapped[str | None] = mapped_column(String(8), doc="client: the request chose the seed; drawn")
     seed: Mapped[int | None] = mapped_column(BigInteger)
     seeds: Mapped[list[int] | None] = mapped_column(JSON)

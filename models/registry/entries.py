@@ -9,6 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 ModelKind = Literal["base", "lora", "dreambooth", "controlnet"]
 BASE_KINDS: tuple[str, ...] = ("base", "dreambooth")
+# Model families (architectures): what a base, or the base of an adapter, is. models/families.py says what each
+# one supports.
+FamilyName = Literal["sd", "sdxl", "sdxl-refiner", "sd3", "flux"]
+FAMILY_NAMES: tuple[str, ...] = ("sd", "sdxl", "sdxl-refiner", "sd3", "flux")
 
 
 class RegistryEntry(BaseModel):
@@ -19,9 +23,15 @@ class RegistryEntry(BaseModel):
     base: str | None = Field(None, description="Base model name, for adapters")
     weight_name: str | None = Field(None, description="File inside a folder or repo, when not the default")
     config: str | None = Field(None, description="Diffusers config folder or repo for single-file checkpoints")
+    family: FamilyName | None = Field(
+        None, description="sd, sdxl, sdxl-refiner, sd3 or flux; default: detected from the model's files"
+    )
     scale: float = Field(1.0, description="Default adapter scale")
     trigger_words: list[str] = Field(default_factory=list)
     sha256: str | None = None
     created_by: str | None = Field(None, description="Training run id that produced this entry")
     created_at: datetime | None = None
     description: str | None = None
+    backend: Literal["torch", "openvino"] | None = Field(
+        None, description="How this base runs (torch or openvino); default: the server's SDSERVE_BACKEND"
+    )

@@ -3,6 +3,10 @@
 Reads validate every entry (a typo stops the start with the line that is wrong). Writes take a file lock,
 re-read the file, change one entry and replace the file atomically, keeping comments and order.
 The file is re-read when it changes on disk, so an edit or a training run shows up without a restart.
+
+A file that does not exist yet is created from the packaged one. A file that exists but is empty, invalid or
+later goes missing is never taken for "no models": the start fails naming it, a running server keeps its last
+good entries, and writes are refused (RegistryUnavailable) without touching the file.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import YAMLError
 
-from models.errors import ModelNotFound, RegistryError
+from models.errors import ModelNotFound, RegistryError, RegistryUnavailable
 from models.registry.entries import RegistryEntry
 from models.sources import is_valid_name
 
@@ -44,10 +48,10 @@ class Registry:
 
     # -- reading -------------------------------------------------------------------------------------------
     def reload(self) -> dict[str, RegistryEntry]:
-        """Re-read the file; raises RegistryError naming the line of the first invalid entry."""
+        """Re-read the file; raises RegistryUnavailable naming the line of the first invalid entry."""
         with self._lock:
             stamp = self._file_stamp()
-            text = self.path.read_text(encoding="utf-8")
+            text = self._read()
             self._entries = _parse(text, self.path)
             self._stamp = stamp
             return dict(self._entries)
@@ -88,9 +92,13 @@ class Registry:
 
     def _edit(self, change: Any) -> None:
         with FileLock(str(self.path) + ".lock"), self._lock:
+            current = self._read()
+            _parse(current, self.path)  # a broken file is reported, and left as it is for a person to fix
             yaml = _yaml()
-            document = yaml.load(self.path.read_text(encoding="utf-8")) or CommentedMap()
+            document = yaml.load(current)
             models = document.setdefault("models", CommentedMap())
+            if models is None:  # `models:` with nothing under it
+                models = document["models"] = CommentedMap()
             change(models)
             buffer = io.StringIO()
             yaml.dump(document, buffer)
@@ -111,15 +119,27 @@ class Registry:
             Path(temporary).unlink(missing_ok=True)
             raise
 
+    def _read(self) -> str:
+        try:
+            return self.path.read_text(encoding="utf-8")
+        except FileNotFoundError as error:
+            raise RegistryUnavailable(f"{self.path}: the registry file is missing; restore it (or restart the "
+                                      "server to start again from the packaged registry)") from error
+        except (OSError, UnicodeDecodeError) as error:
+            raise RegistryUnavailable(f"{self.path}: the registry file cannot be read: {error}") from error
+
     def _file_stamp(self) -> tuple[int, int]:
-        stat = self.path.stat()
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError as error:
+            raise RegistryUnavailable(f"{self.path}: the registry file is missing") from error
         return stat.st_mtime_ns, stat.st_size
 
     def _reload_if_changed(self) -> None:
         try:
             changed = self._file_stamp() != self._stamp
-        except FileNotFoundError:
-            return
+        except RegistryUnavailable:
+            return  # gone for a moment (an editor saving it) or for good: the last good entries stay
         if not changed:
             return
         try:
@@ -139,25 +159,28 @@ def _yaml() -> YAML:
 
 
 def _parse(text: str, path: Path) -> dict[str, RegistryEntry]:
+    """Every entry of a registry file's text; RegistryUnavailable (naming the line) when the file is broken."""
     try:
         document = _yaml().load(text)
     except YAMLError as error:
-        raise RegistryError(f"{path}: not valid YAML: {error}") from error
+        raise RegistryUnavailable(f"{path}: not valid YAML: {error}") from error
     if document is None:
-        return {}
-    if not isinstance(document, dict) or not isinstance(document.get("models", {}), dict):
-        raise RegistryError(f"{path}: expected a mapping with a 'models:' mapping of name -> entry")
+        # An empty file is a damaged one (a full disk, a truncating editor), never a wish to drop every model.
+        raise RegistryUnavailable(f"{path}: the registry file is empty; restore it, write `models: {{}}` for an "
+                                  "empty registry, or delete it to start again from the packaged registry")
+    if not isinstance(document, dict) or not isinstance(document.get("models") or {}, dict):
+        raise RegistryUnavailable(f"{path}: expected a mapping with a 'models:' mapping of name -> entry")
     models = document.get("models") or {}
     entries: dict[str, RegistryEntry] = {}
     for name, raw in models.items():
         line = _line_of(models, name)
         if not isinstance(name, str) or not is_valid_name(name):
-            raise RegistryError(f"{path} line {line}: invalid model name {name!r} (letters, digits, . _ -)")
+            raise RegistryUnavailable(f"{path} line {line}: invalid model name {name!r} (letters, digits, . _ -)")
         try:
             entries[name] = RegistryEntry.model_validate(raw if raw is not None else {})
         except ValidationError as error:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'entry'}: {e['msg']}" for e in error.errors())
-            raise RegistryError(f"{path} line {line}: entry {name!r}: {problems}") from error
+            raise RegistryUnavailable(f"{path} line {line}: entry {name!r}: {problems}") from error
     return entries
 
 

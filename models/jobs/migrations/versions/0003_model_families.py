@@ -1,8 +1,8 @@
-"""Which engine replica took a job, so replicas sharing one database each recover only their own jobs.
+"""The model family a job ran on and the family's own arguments (second prompt, SDXL sizes, refiner, guidance).
 
 Revision ID: 0003
 Revises: 0002
-Create Date: 2026-11-25
+Create Date: 2026-11-26
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ depends_on = None
 
 def upgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
-        batch.add_column(sa.Column("engine", sa.String(100)))
-        batch.create_index("ix_jobs_engine", ["engine"])
+        batch.add_column(sa.Column("family", sa.String(16)))
+        batch.add_column(sa.Column("family_arguments", sa.JSON()))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
-        batch.drop_index("ix_jobs_engine")
-        batch.drop_column("engine")
+        batch.drop_column("family_arguments")
+        batch.drop_column("family")

@@ -1,0 +1,186 @@
+"""The OpenVINO backend on the demo model: images match eager diffusers within a stated tolerance, the export is
+made once and reused after a restart, LoRA and other uncovered calls run on the torch UNet, selection per registry
+entry and by setting, and clear refusals where it cannot run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from models.engine import openvino_unet
+from models.engine.backends import apply_backend, backend_for
+from models.errors import ModelUnavailable
+from models.registry import builtins as demo
+from models.settings import Settings
+from tests.conftest import wait_ready
+from tests.lora_factory import random_lora, save_diffusers
+from tests.utils import from_b64, pixels
+
+pytest.importorskip("openvino")
+
+# Largest difference allowed between an OpenVINO image and the eager one, in 8-bit pixel levels. OpenVINO runs the
+# UNet in float32 (its INFERENCE_PRECISION_HINT is set to f32), so the noise predictions differ from torch's by about
+# 1e-6 and the decoded images by at most one level after rounding.
+PIXEL_TOLERANCE = 2
+CPU = torch.device("cpu")
+
+
+def load(folder: Path) -> DiffusionPipeline:
+    pipeline = DiffusionPipeline.from_pretrained(folder)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def draw(pipeline: DiffusionPipeline, size: int = 128, steps: int = 4, seed: int = 5) -> np.ndarray:
+    generator = torch.Generator("cpu").manual_seed(seed)
+    with torch.inference_mode():
+        image = pipeline("a red circle", num_inference_steps=steps, width=size, height=size,
+                         guidance_scale=7.0, generator=generator).images[0]
+    return pixels(image)
+
+
+@pytest.fixture(scope="module")
+def ov_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder of its own (the demo is built into it), so the first export below is this module's."""
+    return tmp_path_factory.mktemp("openvino-cache")
+
+
+@pytest.fixture(scope="module")
+def demo_folder(ov_cache: Path) -> Path:
+    return demo.ensure_builtin("tiny", ov_cache)
+
+
+@pytest.fixture(scope="module")
+def first_load(ov_cache: Path, demo_folder: Path) -> tuple[DiffusionPipeline, openvino_unet.OpenVinoUNet]:
+    pipeline = load(demo_folder)
+    fast = apply_backend(pipeline, "openvino", CPU, ov_cache, "demo")
+    assert fast is not None
+    return pipeline, fast
+
+
+@pytest.fixture(scope="module")
+def eager(demo_folder: Path) -> DiffusionPipeline:
+    return load(demo_folder)
+
+
+def test_first_load_exports_into_the_cache_folder(first_load, ov_cache):
+    _, fast = first_load
+    assert fast.exported
+    assert fast.folder.parent == ov_cache / "openvino"
+    assert (fast.folder / "unet.xml").is_file() and (fast.folder / "unet.bin").stat().st_size > 1_000_000
+
+
+def test_images_match_eager_within_tolerance(first_load, eager):
+    pipeline, fast = first_load
+    before = dict(fast.calls)
+    for size in (128, 256):  # neither is the size the export was traced at
+        difference = np.abs(draw(pipeline, size) - draw(eager, size))
+        assert difference.max() <= PIXEL_TOLERANCE, f"{size}x{size}: max difference {difference.max()}"
+    # Every UNet call ran on OpenVINO: 4 steps at each of two sizes, guidance batched into one call per step.
+    assert fast.calls["openvino"] - before["openvino"] == 8
+    assert fast.calls["torch"] == before["torch"]
+
+
+def test_a_restart_reuses_the_export(first_load, ov_cache, demo_folder):
+    _, first = first_load
+    ir = first.folder / "unet.xml"
+    stamp = ir.stat().st_mtime_ns
+    again = apply_backend(load(demo_folder), "openvino", CPU, ov_cache, "demo")  # a new process would do the same
+    assert again is not None and not again.exported
+    assert again.folder == first.folder and ir.stat().st_mtime_ns == stamp
+    assert len(list((ov_cache / "openvino").glob("unet-*/unet.xml"))) == 1
+
+
+def test_other_weights_get_another_export(demo_folder):
+    unet = load(demo_folder).unet
+    identity = openvino_unet.unet_identity(unet)
+    with torch.no_grad():
+        unet.conv_out.bias.add_(1e-3)  # a fine-tune of the same architecture must not reuse the base's export
+    assert openvino_unet.unet_identity(unet) != identity
+
+
+def test_lora_calls_run_on_torch_and_match_eager_exactly(first_load, eager, demo_folder, tmp_path):
+    pipeline, fast = first_load
+    save_diffusers(random_lora(demo_folder, seed=1), tmp_path / "a")
+    for each in (pipeline, eager):
+        each.load_lora_weights(str(tmp_path / "a"), adapter_name="a")
+    try:
+        before = dict(fast.calls)
+        with_lora = draw(pipeline)
+        assert fast.calls["torch"] - before["torch"] == 4 and fast.calls["openvino"] == before["openvino"]
+        # The same torch modules ran, so the LoRA image is the eager one, bit for bit.
+        assert np.array_equal(with_lora, draw(eager))
+        for each in (pipeline, eager):
+            each.disable_lora()
+        plain = draw(pipeline)
+        assert fast.calls["openvino"] - before["openvino"] == 4  # LoRAs off: the fast path again
+        assert np.abs(plain - draw(eager)).max() <= PIXEL_TOLERANCE
+        assert np.abs(plain - with_lora).max() > 10  # the LoRA did change the image
+    finally:
+        for each in (pipeline, eager):
+            each.delete_adapters(["a"])
+
+
+def test_sizes_the_export_does_not_cover_run_on_torch(first_load, eager):
+    pipeline, fast = first_load
+    before = dict(fast.calls)
+    # 72 px is a 9-latent side: the demo UNet downsamples once, so its traced graph needs even latent sides.
+    assert np.array_equal(draw(pipeline, size=72, steps=2), draw(eager, size=72, steps=2))
+    assert fast.calls["torch"] - before["torch"] == 2
+
+
+def test_refusals_name_the_model_and_the_fix(demo_folder, ov_cache, monkeypatch):
+    pipeline = load(demo_folder)
+    with pytest.raises(ModelUnavailable, match=r"'demo'.*float32 models on the CPU.*backend torch"):
+        apply_backend(pipeline, "openvino", torch.device("cuda"), ov_cache, "demo")
+    with pytest.raises(ModelUnavailable, match="unknown backend 'tensorrt'"):
+        apply_backend(pipeline, "tensorrt", CPU, ov_cache, "demo")
+
+    def missing() -> None:
+        raise openvino_unet.OpenVinoMissing("the OpenVINO backend needs the openvino package: pip install x")
+
+    monkeypatch.setattr(openvino_unet, "_openvino", missing)
+    with pytest.raises(ModelUnavailable, match="'demo'.*needs the openvino package"):
+        apply_backend(pipeline, "openvino", CPU, ov_cache, "demo")
+    assert apply_backend(pipeline, "torch", CPU, ov_cache, "demo") is None  # torch needs nothing
+
+
+def test_registry_entry_overrides_the_setting():
+    assert backend_for("openvino", "torch") == "openvino"
+    assert backend_for(None, "openvino") == "openvino"
+    assert backend_for(None, "torch") == "torch"
+
+
+def test_server_runs_a_registry_entry_on_openvino(first_load, ov_cache, tmp_path):
+    """`backend: openvino` on one entry: that base runs its UNet on OpenVINO, reusing the export, and its images
+    match the same request on the default (torch) base."""
+    _, first = first_load
+    stamp = (first.folder / "unet.xml").stat().st_mtime_ns
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(
+        "models:\n  demo:\n    source: demo:tiny\n  demo-fast:\n    source: demo:tiny\n    backend: openvino\n",
+        encoding="utf-8",
+    )
+    settings = Settings(registry_path=registry, cache_dir=ov_cache, output_dir=tmp_path / "outputs",
+                        data_dir=tmp_path / "data", device="cpu")
+    body = {"prompt": "a red circle", "seed": 3, "steps": 3, "width": 128, "height": 128}
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        fast = client.post("/text2img", json=body | {"model": "demo-fast"})
+        plain = client.post("/text2img", json=body | {"model": "demo"})
+        assert fast.status_code == plain.status_code == 200, fast.text
+        listed = client.get("/models/demo-fast").json()
+        loaded = {model.name: model for model in client.app.state.engine.cache.loaded()}
+    assert listed["backend"] == "openvino"
+    difference = np.abs(pixels(from_b64(fast.json()["images"][0])) - pixels(from_b64(plain.json()["images"][0])))
+    assert difference.max() <= PIXEL_TOLERANCE
+    router = loaded["demo-fast"].base.unet._sdserve_openvino
+    assert router.calls["openvino"] == 3 and not router.exported
+    assert not hasattr(loaded["demo"].base.unet, "_sdserve_openvino")
+    assert (first.folder / "unet.xml").stat().st_mtime_ns == stamp
