@@ -46,6 +46,7 @@ from models.interface import EngineClient
 from models.jobs.records import image_path, image_snapshot, snapshot_from_record
 from models.jobs.store import Store
 from models.registry import Registry, RegistryEntry
+from models.registry.access import RegistryAccess
 from models.settings import Settings
 from models.types import (
     ControlNetInfo,
@@ -78,7 +79,8 @@ class RayEngine(EngineClient):
     def __init__(self, replicas: DeploymentHandle, settings: Settings):
         self.settings = settings
         self._replicas = replicas
-        self._registry = Registry(settings.registry_path)
+        # The same checks and listings as one process; replicas unload a changed model when next asked for it.
+        self._access = RegistryAccess(Registry(settings.registry_path), settings)
         self.store = Store(settings.resolved_database_url())
         self._followers: OrderedDict[str, _Follower] = OrderedDict()
         self._last_health: tuple[float, EngineHealth | None] = (0.0, None)
@@ -247,16 +249,16 @@ class RayEngine(EngineClient):
 
     # -- the registry (a shared file: replicas re-read it when it changes) ------------------------------------------
     async def registry(self) -> dict[str, RegistryEntry]:
-        return await asyncio.to_thread(self._registry.entries)
+        return await asyncio.to_thread(self._access.entries)
 
     async def register(self, name: str, entry: RegistryEntry, replace: bool = False) -> RegistryEntry:
-        return await asyncio.to_thread(self._registry.register, name, entry, replace)
+        return await asyncio.to_thread(self._access.register, name, entry, replace)
 
     async def unregister(self, name: str) -> None:
-        await asyncio.to_thread(self._registry.delete, name)
+        await asyncio.to_thread(self._access.unregister, name)
 
     async def reload_registry(self) -> dict[str, RegistryEntry]:
-        return await asyncio.to_thread(self._registry.reload)
+        return await asyncio.to_thread(self._access.reload)
 
     # -- what is loaded: on the replica Serve routes to (by model where one is named) -------------------------------
     async def pipeline_state(self) -> list[ModelState]:
