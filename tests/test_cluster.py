@@ -149,6 +149,10 @@ def test_both_replicas_serve_requests_and_everything_lands_in_the_shared_databas
 def test_requests_for_a_model_go_to_the_replica_that_has_it_loaded(cluster: Cluster):
     created = cluster.http.post("/models", json={"name": "demo-b", "kind": "base", "source": "demo:tiny"})
     assert created.status_code in (200, 201), created.text
+    assert created.json()["family"] == "sd"  # the ingress answers registry calls as one process does
+    outside = cluster.http.post("/models", json={"name": "stray", "kind": "base", "source": "/etc/stray"})
+    assert outside.status_code == 403, outside.text
+    assert cluster.http.delete("/models/demo").status_code == 409  # the default model stays
     results: list[httpx.Response] = []
     for n in range(4):
         _generate(cluster, results, f"routed {n}", model="demo-b")
