@@ -25,5 +25,9 @@ compile() {
 compile requirements.lock --extra gpu --extra openvino
 # The dev lock also holds the optional extras that the tests exercise (Ray Serve, the PostgreSQL driver).
 compile requirements-dev.lock --extra gpu --extra openvino --extra dev --extra ray --extra postgres -c requirements.lock
+# Scaling out (README "Scaling out"): the server's lock plus Ray Serve and the PostgreSQL driver, every pin the dev
+# lock's (so what a Ray image installs is what the cluster tests ran on).
+compile requirements-ray.lock --extra gpu --extra openvino --extra ray --extra postgres -c requirements.lock \
+  -c requirements-dev.lock
 
 ./run_tests.sh
