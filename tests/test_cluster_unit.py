@@ -6,12 +6,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from models.cluster.routing import base_model, model_id, request_model_id
 from models.jobs.store import Store
 from models.types import GenerationRequest, LoraSpec
 from tests.conftest import ROOT
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and diffusers: 10-30 s; test_architecture checks it statically
 def test_the_single_process_server_never_imports_ray():
     """./run_api.sh serves api.app:create_app: building the app (and its engine factory) loads no Ray."""
     check = (
