@@ -3,6 +3,7 @@ proxy, several at once, on a local Ray instance; prints one line per replica cou
 
     python -m models.cluster.benchmark --replicas 1 2 --requests 16 --concurrency 4 --size 256 --steps 20
     python -m models.cluster.benchmark --replicas 1 2 4 --gpus-per-replica 1 --model sd15 --size 512 --steps 30
+    python -m models.bench --rows replicas                 # the same, as a row of the project's benchmark command
 
 Each replica gets `--cpus-per-replica` CPUs (and `--gpus-per-replica` GPUs); the Ray instance gets as many CPUs as
 the replicas need (at least 1). Set OMP_NUM_THREADS=1 on CPUs so each replica uses its own core.
@@ -15,6 +16,7 @@ import json
 import logging
 import math
 import os
+import socket
 import statistics
 import sys
 import tempfile
@@ -29,14 +31,13 @@ from ray import serve
 
 from models.cluster.deployments import EngineReplicaDeployment, Ingress
 
-PORT = 8765
-URL = f"http://127.0.0.1:{PORT}"
+URL = "http://127.0.0.1:{port}"  # Serve's proxy, on a port free when the run starts
 
 
 def _request(arguments: argparse.Namespace, seed: int) -> float:
     body = {"prompt": "a lighthouse at dusk", "width": arguments.size, "height": arguments.size,
             "steps": arguments.steps, "seed": seed, "model": arguments.model, "save": False}
-    request = urllib.request.Request(f"{URL}/text2img", data=json.dumps(body).encode(),
+    request = urllib.request.Request(f"{arguments.url}/text2img", data=json.dumps(body).encode(),
                                      headers={"content-type": "application/json"})
     started = time.perf_counter()
     with urllib.request.urlopen(request, timeout=600) as response:
@@ -44,9 +45,9 @@ def _request(arguments: argparse.Namespace, seed: int) -> float:
     return time.perf_counter() - started
 
 
-def _healthy() -> bool:
+def _healthy(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{URL}/health", timeout=10) as response:
+        with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
@@ -59,7 +60,7 @@ def measure(replicas: int, arguments: argparse.Namespace) -> dict[str, object]:
     )
     app = Ingress.options(ray_actor_options={"num_cpus": 0}).bind(deployment.bind())
     serve.run(app, name="sdserve", route_prefix="/", blocking=False)
-    while not _healthy():
+    while not _healthy(arguments.url):
         time.sleep(0.5)
     with ThreadPoolExecutor(arguments.concurrency) as pool:  # warm-up: every replica loads the model
         list(pool.map(lambda seed: _request(arguments, seed), range(2 * replicas)))
@@ -72,6 +73,7 @@ def measure(replicas: int, arguments: argparse.Namespace) -> dict[str, object]:
         "size": f"{arguments.size}x{arguments.size}", "steps": arguments.steps,
         "images/min": f"{60 * arguments.requests / elapsed:.1f}",
         "median s/request": f"{statistics.median(latencies):.2f}", "wall s": f"{elapsed:.1f}",
+        "latencies": latencies,
     }
 
 
@@ -86,6 +88,7 @@ def main() -> None:
     parser.add_argument("--cpus-per-replica", type=float, default=1.0)
     parser.add_argument("--gpus-per-replica", type=float, default=0.0)
     parser.add_argument("--max-ongoing", type=int, default=2, help="jobs one replica takes at once")
+    parser.add_argument("--json", type=Path, help="also write the rows (with every request's latency) here")
     arguments = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     # The Ray processes inherit these: this checkout's code, and a database of their own.
@@ -93,16 +96,26 @@ def main() -> None:
     os.environ.setdefault("SDSERVE_DATA_DIR", tempfile.mkdtemp(prefix="sdserve-bench-"))
     cpus = max(1, math.ceil(max(arguments.replicas) * arguments.cpus_per_replica))
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    port = _free_port()
+    arguments.url = URL.format(port=port)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         rows = [measure(replicas, arguments) for replicas in arguments.replicas]
     finally:
         serve.shutdown()
         ray.shutdown()
-    columns = list(rows[0])
+    if arguments.json:
+        arguments.json.write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    columns = [column for column in rows[0] if column != "latencies"]
     sys.stdout.write("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n")
     for row in rows:
         sys.stdout.write("| " + " | ".join(str(row[column]) for column in columns) + " |\n")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 if __name__ == "__main__":
