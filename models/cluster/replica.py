@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from ray import serve
 
-from models.cluster.routing import base_model, request_model_id
+from models.cluster.routing import base_model, model_id, request_model_id
 from models.engine.pipelines import PipelineCache
 from models.local import LocalEngine
 from models.settings import get_settings
@@ -53,6 +53,7 @@ class EngineReplica:
             return await self._load_model(multiplexed_id)
 
         self.get_model = serve.multiplexed(max_num_models_per_replica=limit)(load_model)
+        await self._announce_default_model(settings.default_model)
         logger.info("engine replica %s (pid %d) started on %s", self.name, os.getpid(), self.engine.device.describe())
 
     async def __del__(self) -> None:
@@ -85,6 +86,15 @@ class EngineReplica:
         await self._on_worker(self._forget_changed_models)
         await self._on_worker(lambda cache: cache.get(name, "text2img"))
         return multiplexed_id
+
+    async def _announce_default_model(self, name: str) -> None:
+        """Every replica loads the default model at start-up: tell Serve, so requests for it are spread over all
+        replicas. Serve sends a model's requests only to the replicas it knows to have it (others are a fallback
+        once those are full), so unannounced, every default-model request would go to the first replica asked."""
+        try:
+            await self.get_model(model_id(name))
+        except Exception:  # noqa: BLE001 - the replica still serves other models; health says why this one failed
+            logger.exception("engine replica %s could not load the default model %r", self.name, name)
 
     def _forget_changed_models(self, cache: PipelineCache) -> None:
         """Unload bases whose registry entry was replaced or removed since they were loaded: the registry file is
