@@ -153,6 +153,9 @@ def test_requests_for_a_model_go_to_the_replica_that_has_it_loaded(cluster: Clus
     outside = cluster.http.post("/models", json={"name": "stray", "kind": "base", "source": "/etc/stray"})
     assert outside.status_code == 403, outside.text
     assert cluster.http.delete("/models/demo").status_code == 409  # the default model stays
+    # A replica's refusal crosses the ingress with its status and message (here the model family's check).
+    refused = cluster.http.post("/text2img", json={"prompt": "x", "prompt_2": "y", "width": 64, "height": 64})
+    assert refused.status_code == 422 and "prompt_2" in refused.json()["detail"], refused.text
     results: list[httpx.Response] = []
     for n in range(4):
         _generate(cluster, results, f"routed {n}", model="demo-b")
