@@ -3,6 +3,9 @@
 # requirements.lock.
 #   docker build -t sdserve .
 #   docker run --gpus all -p 8000:8000 -v sdserve-cache:/cache -v sdserve-data:/data sdserve
+# For Ray Serve (README "Scaling out"): the same image with requirements-ray.lock (the server's pins plus ray[serve]
+# and psycopg, as the cluster tests ran them); its command is then `serve run serve_config.yaml` or a RayService's.
+#   docker build --build-arg LOCK=requirements-ray.lock -t sdserve-ray .
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONUNBUFFERED=1 \
@@ -25,11 +28,12 @@ WORKDIR /app
 # Dependencies first, so code edits do not re-download PyTorch. TORCH_SPEC: the pin of requirements-torch.txt
 # (PyPI's Linux wheel of it is the CUDA build); another build of the same release can be named at build time.
 ARG TORCH_SPEC=""
-COPY requirements-torch.txt requirements.lock ./
+ARG LOCK=requirements.lock
+COPY requirements-torch.txt ${LOCK} ./
 # The torch pin is read from requirements-torch.txt, which hadolint cannot see.
 # hadolint ignore=DL3013,SC2046,SC2086
 RUN pip install ${TORCH_SPEC:-$(grep -v '^#' requirements-torch.txt)} \
-    && pip install --require-hashes --no-deps -r requirements.lock
+    && pip install --require-hashes --no-deps -r "${LOCK}"
 
 COPY pyproject.toml README.md ./
 COPY api api
@@ -38,7 +42,7 @@ COPY training training
 RUN pip install --no-deps --no-build-isolation . \
     && pip check
 
-COPY run_api.sh accelerate_config.yaml ./
+COPY run_api.sh accelerate_config.yaml serve_config.yaml ./
 COPY scripts scripts
 
 VOLUME ["/cache", "/data"]

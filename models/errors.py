@@ -57,6 +57,10 @@ class NotReady(SdserveError):
     """The engine is starting or shutting down."""
 
 
+class ReplicaLost(NotReady):
+    """The engine replica running a job stopped (its process died) before the job finished; it is not retried."""
+
+
 class JobNotFound(SdserveError):
     def __init__(self, job_id: str):
         self.job_id = job_id

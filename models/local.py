@@ -23,24 +23,15 @@ from models.engine.generate import check_request
 from models.engine.pipelines import PipelineCache
 from models.engine.schedulers import scheduler_names
 from models.engine.worker import GenerationWorker, Job
-from models.errors import (
-    ControlNetNotFound,
-    ImageNotFound,
-    JobCancelled,
-    JobFinished,
-    JobNotFound,
-    ModelInUse,
-    PathNotAllowed,
-)
+from models.errors import ControlNetNotFound, ImageNotFound, JobCancelled, JobFinished, JobNotFound
 from models.families import family_named
 from models.jobs.recorder import JobRecorder
 from models.jobs.records import image_path, image_snapshot, snapshot_from_record
 from models.jobs.results import ResultCache, cache_key
 from models.jobs.store import Store
 from models.registry import BASE_KINDS, Registry, RegistryEntry
-from models.registry.detect import FamilyDetector
+from models.registry.access import RegistryAccess
 from models.settings import Settings
-from models.sources import source_refusal
 from models.system_stats import system_stats
 from models.types import (
     MAX_SEED,
@@ -65,20 +56,24 @@ T = TypeVar("T")
 
 
 class LocalEngine:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, name: str | None = None):
+        """`name`: this engine's name among replicas sharing one database (Ray Serve); its rows carry it, and at
+        start-up it marks only its own unfinished jobs interrupted. None (one process): every unfinished job."""
         self.settings = settings
+        self.name = name
         self._registry = Registry(settings.registry_path)
-        self._families = FamilyDetector()
+        self._access = RegistryAccess(self._registry, settings)  # listings with families, checked changes
+        self._families = self._access.families
         self.device = select_device(settings)
         self.cache = PipelineCache(settings, self._registry, self.device)
         self.worker = GenerationWorker(settings, self.cache)
         self.store = Store(settings.resolved_database_url())
-        interrupted = self.store.mark_interrupted(INTERRUPTED_REASON)
+        interrupted = self.store.mark_interrupted(INTERRUPTED_REASON, engine=name)
         if interrupted:
             logger.warning("%d job(s) left unfinished by the last run are marked interrupted", interrupted)
         self.results = ResultCache(settings.result_cache_size)
         self._cache_keys: dict[str, str] = {}  # job id -> its result-cache key, until it finishes
-        self.recorder = JobRecorder(self.store, settings)
+        self.recorder = JobRecorder(self.store, settings, engine=name)
         job_metrics = metrics.JobMetrics()
         self.worker.add_observer(self._keep_result)
         self.worker.add_observer(self.recorder)
@@ -267,38 +262,20 @@ class LocalEngine:
 
     # -- the registry -------------------------------------------------------------------------------------------------
     async def registry(self) -> dict[str, RegistryEntry]:
-        return await asyncio.to_thread(lambda: self._with_families(self._registry.entries()))
+        return await asyncio.to_thread(self._access.entries)
 
     async def register(self, name: str, entry: RegistryEntry, replace: bool = False) -> RegistryEntry:
-        # A client names the source: a path must lie inside the allowed roots, as a LoRA's must.
-        for field_name in ("source", "config"):
-            value = getattr(entry, field_name)
-            refusal = source_refusal(self.settings, value, f"model {name!r}: {field_name}") if value else None
-            if refusal:
-                logger.warning("refused to register %r with %s %r: outside the allowed roots", name, field_name,
-                               value)
-                raise PathNotAllowed(refusal)
-        registered = await asyncio.to_thread(self._registry.register, name, entry, replace)
+        registered = await asyncio.to_thread(self._access.register, name, entry, replace)
         if replace:
             await self.evict(name)  # a replaced base must be loaded again from its new source
-        return await asyncio.to_thread(lambda: self._with_families({name: registered})[name])
+        return registered
 
     async def unregister(self, name: str) -> None:
-        if name == self.settings.default_model:
-            raise ModelInUse(f"model {name!r} is the default model (SDSERVE_DEFAULT_MODEL): every request without "
-                             "`model` uses it; start the server with another default before removing it")
-        await asyncio.to_thread(self._registry.delete, name)
+        await asyncio.to_thread(self._access.unregister, name)
         await self.evict(name)
 
     async def reload_registry(self) -> dict[str, RegistryEntry]:
-        return await asyncio.to_thread(lambda: self._with_families(self._registry.reload()))
-
-    def _with_families(self, entries: dict[str, RegistryEntry]) -> dict[str, RegistryEntry]:
-        """The entries with `family` filled in where the registry file leaves it to detection."""
-        everything = self._registry.entries()
-        detect = self._families.family
-        return {name: entry if entry.family else entry.model_copy(update={"family": detect(entry, everything)})
-                for name, entry in entries.items()}
+        return await asyncio.to_thread(self._access.reload)
 
     # -- what is loaded (on the worker thread, between jobs) --------------------------------------------------------
     async def _on_worker(self, function: Callable[[PipelineCache], T]) -> T:

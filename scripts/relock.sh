@@ -23,6 +23,11 @@ compile() {
 }
 # The server's lock first; the dev lock is constrained by it, so both agree on every shared package.
 compile requirements.lock --extra gpu --extra openvino
-compile requirements-dev.lock --extra gpu --extra openvino --extra dev -c requirements.lock
+# The dev lock also holds the optional extras that the tests exercise (Ray Serve, the PostgreSQL driver).
+compile requirements-dev.lock --extra gpu --extra openvino --extra dev --extra ray --extra postgres -c requirements.lock
+# Scaling out (README "Scaling out"): the server's lock plus Ray Serve and the PostgreSQL driver, every pin the dev
+# lock's (so what a Ray image installs is what the cluster tests ran on).
+compile requirements-ray.lock --extra gpu --extra openvino --extra ray --extra postgres -c requirements.lock \
+  -c requirements-dev.lock
 
 ./run_tests.sh

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,60 @@ from models.settings import Settings
 from tests.utils import free_port, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
+BESIDE_KEY = pytest.StashKey["BesideRun"]()
+
+
+class BesideRun:
+    """A long subprocess that a `runs_beside` test starts at collection and checks at the end of the session.
+
+    Its output goes to files in its folder (a pipe nobody reads until the end would fill and stall it)."""
+
+    def __init__(self, start: Callable[[Path], list[str]], folder: Path):
+        self.folder = folder
+        self.stderr_path = folder / "stderr.txt"
+        with open(folder / "stdout.txt", "wb") as stdout, open(self.stderr_path, "wb") as stderr:
+            env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+            self.process = subprocess.Popen(start(folder), cwd=ROOT, env=env, stdout=stdout, stderr=stderr)
+
+    def wait(self, timeout_s: float) -> int:
+        try:
+            return self.process.wait(timeout=timeout_s)
+        finally:
+            self.stop()
+
+    def stderr_tail(self, characters: int = 4000) -> str:
+        return self.stderr_path.read_text(encoding="utf-8", errors="replace")[-characters:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.hookimpl(trylast=True)  # after -m, -k and --deselect have chosen the tests
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The suite keeps one of CI's two cores busy: a `runs_beside(command=...)` test starts `command(folder)` now, on
+    the other core, and runs last, so its minutes overlap the rest of the suite instead of adding to it."""
+    if config.option.collectonly:
+        return
+    beside = [item for item in items if item.get_closest_marker("runs_beside")]
+    for item in beside:
+        items.remove(item)
+        items.append(item)
+        folder = Path(tempfile.mkdtemp(prefix=f"sdserve-{item.name[:40]}-"))
+        item.stash[BESIDE_KEY] = BesideRun(item.get_closest_marker("runs_beside").kwargs["command"], folder)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    for item in session.items:
+        if BESIDE_KEY in item.stash:
+            item.stash[BESIDE_KEY].stop()
+            shutil.rmtree(item.stash[BESIDE_KEY].folder, ignore_errors=True)
+
+
+@pytest.fixture
+def beside_run(request: pytest.FixtureRequest) -> BesideRun:
+    return request.node.stash[BESIDE_KEY]
 
 
 @pytest.fixture(scope="session")

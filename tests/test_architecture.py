@@ -95,3 +95,17 @@ def _known(imported: str, modules: dict[str, Path]) -> set[str]:
             return {imported}
         imported = imported.rpartition(".")[0]
     return set()
+
+
+def test_ray_stays_inside_models_cluster():
+    """The `ray` extra is optional: only models/cluster/ imports Ray, and nothing imports models/cluster/, so the
+    single-process server (./run_api.sh) runs without it (tests/test_cluster_unit.py checks it at run time too)."""
+    offences = [
+        f"{name} imports {imported}"
+        for package in PACKAGES
+        for name, path in sources(package).items()
+        if not name.startswith("models.cluster")
+        for imported in imports(path)
+        if imported.split(".")[0] == "ray" or imported.startswith("models.cluster")
+    ]
+    assert offences == []

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +11,6 @@ import pytest
 from models.bench.__main__ import DEFAULT_ROWS
 from models.bench.report import markdown
 from models.bench.stats import Comparison, Side, Skipped, percentile
-from tests.conftest import ROOT
 
 
 def test_statistics_and_verdicts():
@@ -33,14 +30,16 @@ def test_statistics_and_verdicts():
     assert "- concurrency, micro-batching on: not yet" in table
 
 
+def tiny_run(folder: Path) -> list[str]:
+    return [sys.executable, "-m", "models.bench", "--tiny", "--out", str(folder / "bench"),
+            "--cache-dir", str(folder / "cache")]  # its own cache: it builds beside the suite's fixtures
+
+
 @pytest.mark.slow
-def test_tiny_run_writes_the_table_and_json_with_every_row(tmp_path: Path, model_cache: Path):
-    out = tmp_path / "bench"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    completed = subprocess.run([sys.executable, "-m", "models.bench", "--tiny", "--out", str(out),
-                                "--cache-dir", str(model_cache)], cwd=ROOT, env=env, capture_output=True, text=True,
-                               timeout=1500)
-    assert completed.returncode == 0, completed.stderr[-4000:]
+@pytest.mark.runs_beside(command=tiny_run)
+def test_tiny_run_writes_the_table_and_json_with_every_row(beside_run):
+    assert beside_run.wait(timeout_s=1500) == 0, beside_run.stderr_tail()
+    out = beside_run.folder / "bench"
     table = (out / "bench.md").read_text(encoding="utf-8")
     data = json.loads((out / "bench.json").read_text(encoding="utf-8"))
     rows = [row["row"] for row in data["comparisons"]]

@@ -11,7 +11,12 @@ from scripts.lockfile import disagreements, locked_versions, mismatches, torch_p
 from tests.conftest import ROOT
 
 PIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==")
-LOCKS = {"requirements.lock": ("gpu", "openvino"), "requirements-dev.lock": ("gpu", "openvino", "dev")}
+# The dev lock also holds the optional extras the tests exercise (Ray Serve, the PostgreSQL driver).
+LOCKS = {
+    "requirements.lock": ("gpu", "openvino"),
+    "requirements-dev.lock": ("gpu", "openvino", "dev", "ray", "postgres"),
+    "requirements-ray.lock": ("gpu", "openvino", "ray", "postgres"),
+}
 
 
 @pytest.mark.parametrize("lock, extras", LOCKS.items())
@@ -32,6 +37,15 @@ def test_both_locks_pin_shared_packages_alike():
     runtime, dev = locked_versions(ROOT / "requirements.lock"), locked_versions(ROOT / "requirements-dev.lock")
     assert set(runtime) <= set(dev)
     assert {name: dev[name] for name in runtime} == runtime
+
+
+def test_the_ray_lock_is_the_server_lock_plus_the_extras_as_tested():
+    """requirements-ray.lock (a Ray Serve image) holds every server pin, and pins everything as the dev lock does."""
+    runtime, dev = locked_versions(ROOT / "requirements.lock"), locked_versions(ROOT / "requirements-dev.lock")
+    scaled = locked_versions(ROOT / "requirements-ray.lock")
+    assert {name: scaled.get(name) for name in runtime} == runtime
+    assert {name: dev.get(name) for name in scaled} == scaled
+    assert {"ray", "psycopg"} <= set(scaled)
 
 
 def test_the_environment_is_exactly_the_dev_lock():

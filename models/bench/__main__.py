@@ -10,8 +10,9 @@ Rows: server (server vs bare pipe()), per-request (seed 000's pipeline per reque
 models (switching between two cached bases), cold-start, fast-path (OpenVINO UNet vs eager), torch-options
 (channels_last, one thread, torch.compile vs eager; not in the default set), training (steps/s and peak memory
 with and without latent caching and gradient checkpointing; with --diffusers-script PATH, diffusers' own
-train_text_to_image_lora.py beside them), profile (py-spy samples of the server answering
-requests; needs py-spy on PATH or --py-spy; not in the default set).
+train_text_to_image_lora.py beside them), profile (py-spy samples of the server answering requests; needs py-spy on
+PATH or --py-spy; not in the default set), replicas (Ray Serve with 2 engine replicas vs 1; needs the ray extra; not
+in the default set).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from models.bench import profile as profiling
-from models.bench import report, rows, training_rows
+from models.bench import replicas, report, rows, training_rows
 from models.bench.stats import Comparison, Skipped
 
 logger = logging.getLogger("models.bench")
@@ -42,6 +43,7 @@ ROWS: dict[str, Callable[[rows.Context], list[rows.Row]]] = {
     "cold-start": rows.cold_start,
     "fast-path": rows.fast_path,
     "torch-options": rows.torch_options,
+    "replicas": replicas.replicas,
 }
 DEFAULT_ROWS = ["server", "per-request", "concurrency", "lora", "models", "cold-start", "fast-path", "training"]
 

@@ -26,9 +26,10 @@ logger = logging.getLogger(__name__)
 class JobRecorder:
     """A worker observer: snapshots a job's row on the thread that caused the event, writes it later, in order."""
 
-    def __init__(self, store: Store, settings: Settings):
+    def __init__(self, store: Store, settings: Settings, engine: str | None = None):
         self.store = store
         self.settings = settings
+        self.engine = engine  # the engine replica's name, written on each row (None in one process)
         self._queue: queue.Queue[tuple[Job, str, dict[str, Any]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="job-recorder", daemon=True)
         self._thread.start()
@@ -42,7 +43,7 @@ class JobRecorder:
         if event.kind == "started":
             changes = {"id": job.id, "status": job.status.value, "started_at": from_timestamp(job.started_at)}
         else:
-            changes = job_row(job, self.saves(job))
+            changes = job_row(job, self.saves(job)) | ({"engine": self.engine} if self.engine else {})
         self._queue.put((job, event.kind, changes))
 
     def flush(self) -> None:

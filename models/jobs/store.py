@@ -8,6 +8,7 @@ thread (the recorder thread writes, request handlers read through a thread pool)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from filelock import FileLock
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -32,6 +34,7 @@ from sqlalchemy import (
     event,
     func,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import make_url
@@ -44,6 +47,7 @@ from models.types import UNFINISHED_STATUSES, JobStatus
 logger = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+MIGRATION_LOCK_KEY = 0x5D5E7E  # any constant: the advisory lock that serialises migrations on PostgreSQL
 UNFINISHED = tuple(status.value for status in UNFINISHED_STATUSES)
 
 
@@ -103,6 +107,9 @@ class JobRecord(Base):
     save_images: Mapped[bool] = mapped_column(Boolean, default=False)
     cached: Mapped[bool] = mapped_column(Boolean, default=False)
     source: Mapped[str | None] = mapped_column(String(50), doc="The route that submitted it")
+    engine: Mapped[str | None] = mapped_column(
+        String(100), index=True, doc="The engine replica that took it (Ray Serve); None in one process"
+    )
     timings: Mapped[dict[str, float] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
@@ -169,10 +176,16 @@ def _sqlite_pragmas(connection: Any, _record: Any) -> None:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Bring the database to `revision` with Alembic, on this engine's connection."""
+    """Bring the database to `revision` with Alembic, on this engine's connection. Processes that open one
+    database at once (engine replicas) take turns: a file lock beside a SQLite file, an advisory lock on PostgreSQL."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    with engine.begin() as connection:
+    url = engine.url
+    sqlite_file = url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
+    file_lock = FileLock(f"{url.database}.migrate.lock") if sqlite_file else contextlib.nullcontext()
+    with file_lock, engine.begin() as connection:
+        if url.get_backend_name() == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
 
@@ -207,15 +220,27 @@ class Store:
         with self._sessions.begin() as session:
             session.add_all(images)
 
-    def mark_interrupted(self, reason: str) -> int:
-        """Jobs left queued or running by a server that stopped without finishing them."""
+    def mark_interrupted(self, reason: str, engine: str | None = None) -> int:
+        """Jobs left queued or running by a server that stopped without finishing them: every such job, or with
+        `engine` only those that engine replica took (its siblings' jobs on a shared database are still running)."""
+        query = update(JobRecord).where(JobRecord.status.in_(UNFINISHED))
+        if engine is not None:
+            query = query.where(JobRecord.engine == engine)
+        with self._sessions.begin() as session:
+            result = session.execute(
+                query.values(status=JobStatus.interrupted.value, error=reason, finished_at=utcnow())
+            )
+            return result.rowcount or 0
+
+    def fail_unfinished(self, job_id: str, reason: str) -> bool:
+        """Mark one job failed unless it has already finished (its engine replica died while running it)."""
         with self._sessions.begin() as session:
             result = session.execute(
                 update(JobRecord)
-                .where(JobRecord.status.in_(UNFINISHED))
-                .values(status=JobStatus.interrupted.value, error=reason, finished_at=utcnow())
+                .where(JobRecord.id == job_id, JobRecord.status.in_(UNFINISHED))
+                .values(status=JobStatus.failed.value, error=reason, finished_at=utcnow())
             )
-            return result.rowcount or 0
+            return bool(result.rowcount)
 
     # -- reads ------------------------------------------------------------------------------------------------
     def get_job(self, job_id: str) -> JobRecord | None:
