@@ -20,6 +20,7 @@ from api.routes import (
     compat_a1111,
     compat_openai,
     compat_seeds,
+    datasets,
     generation,
     images,
     jobs,
@@ -82,7 +83,7 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
                                     statuses=(400, 401, 403, 404, 409, 413, 429, "4XX", 500, 503))
     for router in (generation.router, jobs.router, images.router, models.router, system.router, loras.router,
                    compat_seeds.router, compat_openai.router, compat_a1111.router, compat_a1111.controlnet_router,
-                   observability.router, training.router):
+                   observability.router, training.router, datasets.router):
         access = authorize(settings, public=router is system.router)  # /health: what load balancers probe
         responses = openai_errors if router is compat_openai.router else ERROR_RESPONSES
         app.include_router(router, dependencies=access, responses=responses)

@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from api.serving import Answers
 from models.interface import EngineClient
 from models.settings import Settings
+from training.datasets import DatasetStore
 from training.runs import TrainingRunManager
 
 
@@ -28,7 +29,12 @@ def get_training(request: Request) -> TrainingRunManager:
     return request.app.state.training
 
 
+def get_datasets(request: Request) -> DatasetStore:
+    return request.app.state.training.datasets
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[EngineClient, Depends(get_engine)]
 AnswersDep = Annotated[Answers, Depends(get_answers)]
 TrainingDep = Annotated[TrainingRunManager, Depends(get_training)]
+DatasetsDep = Annotated[DatasetStore, Depends(get_datasets)]

@@ -15,7 +15,9 @@ from starlette.types import Scope
 
 from models.errors import (
     AdapterNotFound,
+    Conflict,
     ControlNetNotFound,
+    DatasetNotFound,
     ImageNotFound,
     InvalidRequest,
     JobCancelled,
@@ -26,6 +28,7 @@ from models.errors import (
     ModelUnavailable,
     NotReady,
     PathNotAllowed,
+    PayloadTooLarge,
     QueueFull,
     RegistryError,
     RegistryUnavailable,
@@ -52,6 +55,9 @@ STATUS_BY_ERROR: dict[type[SdserveError], int] = {
     JobFinished: 409,
     TrainingRunNotFound: 404,
     ControlNetNotFound: 404,
+    Conflict: 409,
+    DatasetNotFound: 404,
+    PayloadTooLarge: 413,
 }
 
 

@@ -64,6 +64,9 @@ class LimitsMiddleware:
     def __init__(self, app: ASGIApp, settings: Settings):
         self.app = app
         self.max_body = settings.max_body_bytes
+        # A dataset upload (POST /datasets/{name}) may be as large as the dataset it unpacks to, plus the form's
+        # framing; every other body keeps the general limit.
+        self.max_dataset_body = max(settings.max_body_bytes, settings.dataset_max_bytes + 2**20)
         self.max_pixels = settings.max_input_pixels
         self.max_images = settings.max_input_images
 
@@ -71,9 +74,12 @@ class LimitsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.max_body
+        if scope["method"] == "POST" and scope["path"].startswith("/datasets/"):
+            limit = self.max_dataset_body
         declared = Headers(scope=scope).get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-            await _too_large(self.max_body)(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _too_large(limit)(scope, receive, send)
             return
         received = 0
         started = False
@@ -83,8 +89,8 @@ class LimitsMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise BodyTooLarge(self.max_body)
+                if received > limit:
+                    raise BodyTooLarge(limit)
             return message
 
         async def watching_send(message: Message) -> None:
@@ -99,7 +105,7 @@ class LimitsMiddleware:
             # Raised where the app reads the body; the routes' own handlers usually answer it, this is the rest.
             if started:
                 raise
-            await _too_large(self.max_body)(scope, receive, send)
+            await _too_large(limit)(scope, receive, send)
         finally:
             budget_var.reset(token)
 

@@ -64,8 +64,9 @@ USER_WRITES = frozenset({
     # A1111 clients choose their checkpoint this way (webuiapi's util_set_model); a registered model only.
     ("POST", "/sdapi/v1/options"),
 })
-# Reads that only an admin may do: training runs name datasets and paths on the server, and their logs.
-ADMIN_READ_PREFIXES = ("/train",)
+# Reads that only an admin may do: training runs name datasets and paths on the server, and their logs; the
+# datasets themselves.
+ADMIN_READ_PREFIXES = ("/train", "/datasets")
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 
 

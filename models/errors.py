@@ -81,3 +81,16 @@ class TrainingRunNotFound(SdserveError):
 
 class ControlNetNotFound(SdserveError):
     """A ControlNet name that is neither registered (kind controlnet) nor loaded; the message lists them."""
+
+
+class Conflict(SdserveError):
+    """The request clashes with the current state: a name already taken, a run or dataset in use or not in a
+    state that allows it."""
+
+
+class DatasetNotFound(SdserveError):
+    """No dataset of that name in the datasets folder."""
+
+
+class PayloadTooLarge(SdserveError):
+    """An upload over the server's size or count limits."""

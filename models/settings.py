@@ -113,7 +113,8 @@ class Settings(BaseSettings):
     # -- training runs started through the API (POST /train) --
     datasets_dir: Path = Field(Path("datasets"), description="Where relative dataset paths of POST /train point.")
     training_dirs: list[Path] | None = Field(
-        None, description="Folders POST /train may read data from and write to; default: datasets_dir and output_dir."
+        None, description="Folders POST /train may read data from and write to besides datasets_dir (always allowed: "
+        "uploaded datasets live there); default: output_dir."
     )
     training_max_running: int = Field(1, ge=1, description="Training runs at once (one per device); more wait.")
     training_accelerate_config: Path | None = Field(
@@ -124,6 +125,14 @@ class Settings(BaseSettings):
     )
     training_stop_timeout_s: float = Field(
         60.0, gt=0, description="How long a cancelled run may take to checkpoint before it is killed."
+    )
+    # -- datasets uploaded through the API (POST /datasets/{name}) --
+    dataset_max_bytes: int = Field(
+        2**30, ge=1, description="Largest dataset an upload may unpack to, in bytes (all files together)."
+    )
+    dataset_max_files: int = Field(10_000, ge=1, description="Most files one uploaded dataset may hold.")
+    dataset_max_image_pixels: int = Field(
+        64 * 2**20, ge=1, description="Largest image (width x height) an uploaded dataset may hold."
     )
 
     @field_validator("max_width", "max_height")

@@ -54,6 +54,7 @@ def test_tiny_run_writes_the_table_and_json_with_every_row(beside_run):
     assert [result["variant"] for result in data["training"]] == [
         "plain", "latent caching", "gradient checkpointing", "both"]
     assert all(result["returncode"] == 0 and result["steps_per_s"] > 0 for result in data["training"])
+    assert "- training demo: diffusers train_text_to_image_lora.py: no --diffusers-script given" in table
     assert set(DEFAULT_ROWS) >= {"server", "concurrency", "training"}
     assert data["machine"]["logical_cpus"] >= 1
 
@@ -72,3 +73,39 @@ def test_profile_samples_are_grouped_by_the_deepest_stage():
     assert profile.samples == 10 and profile.waiting == 50
     assert profile.stages == {"UNet": 0.6, "VAE decode": 0.3, "PNG encoding and saving": 0.1}
     assert profile.top_frames[0] == ("forward (torch/nn/modules/conv.py:5)", 0.6)
+
+
+def test_diffusers_script_row_runs_a_given_script_and_says_why_when_it_cannot(tmp_path: Path):
+    """diffusers' train_text_to_image_lora.py is not shipped: the row runs the user's copy with the same data and
+    settings, reads its tqdm rate, and is reported as not run (with the reason) when absent or failing."""
+    from types import SimpleNamespace
+
+    from models.bench.training_rows import DIFFUSERS_VARIANT, _run_diffusers
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    ctx = SimpleNamespace(config=SimpleNamespace(work=tmp_path), logs=logs, server_env=dict,
+                          folder=lambda model: tmp_path / "base")
+    dataset = tmp_path / "shapes"
+    args = (dataset, 3, 64, 2)
+
+    missing = _run_diffusers(ctx, "demo", None, *args)
+    assert isinstance(missing, Skipped) and "no --diffusers-script given" in missing.reason
+
+    failing = tmp_path / "failing.py"
+    failing.write_text("import sys\nsys.stderr.write(\"ModuleNotFoundError: No module named 'torchvision'\\n\")\n"
+                       "sys.exit(1)\n")
+    refused = _run_diffusers(ctx, "demo", failing, *args)
+    assert isinstance(refused, Skipped) and "exited with 1: ModuleNotFoundError: No module named 'torchvision'" \
+        in refused.reason
+
+    stand_in = tmp_path / "train_text_to_image_lora.py"
+    stand_in.write_text("import sys\nargs = sys.argv[1:]\nassert args[args.index('--rank') + 1] == '4'\n"
+                        "assert args[args.index('--train_data_dir') + 1].endswith('shapes')\n"
+                        "assert '--center_crop' in args\n"
+                        "sys.stderr.write('Steps:  33%|###| 1/3 [00:01<00:02, 1.50it/s]\\r"
+                        "Steps: 100%|#####| 3/3 [00:02<00:00, 2.25it/s, step_loss=0.1]\\n')\n")
+    result = _run_diffusers(ctx, "demo", stand_in, *args)
+    assert not isinstance(result, Skipped), result
+    assert (result.variant, result.steps, result.resolution, result.batch) == (DIFFUSERS_VARIANT, 3, 64, 2)
+    assert result.steps_per_s == pytest.approx(2.25) and result.peak_rss_mb > 0 and result.returncode == 0

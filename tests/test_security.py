@@ -158,7 +158,7 @@ def test_every_state_changing_route_is_admin_only_unless_listed(keyed):
     assert present >= USER_WRITES, sorted(USER_WRITES - present)  # no stale entries
     for method, path in present:
         if method in ("GET", "HEAD"):
-            assert needs_admin(method, path) == path.startswith("/train"), path
+            assert needs_admin(method, path) == path.startswith(("/train", "/datasets")), path
         else:
             assert needs_admin(method, path) == ((method, path) not in USER_WRITES), (method, path)
 

@@ -74,3 +74,31 @@ def fast_options(**overrides: object) -> dict[str, object]:
     }
     options.update(overrides)
     return options
+
+
+# Wide, tall and square pictures: an aspect-ratio bucket each at resolution 64 (80x48, 48x80, 64x64).
+MIXED_SIZES = {"wide": (128, 64), "tall": (64, 128), "square": (96, 96)}
+
+
+def mixed_shapes_dataset(folder: Path, per_shape: int = 3) -> Path:
+    """Captioned pictures of three shapes of frame, each with a red mark at both ends of its long side (a square
+    crop of a wide or tall picture would cut both away); .txt captions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = list(COLOURS)
+    for frame, (width, height) in MIXED_SIZES.items():
+        for index in range(per_shape):
+            colour = colours[index % len(colours)]
+            image = Image.new("RGB", (width, height), (250, 250, 250))
+            draw = ImageDraw.Draw(image)
+            draw.ellipse((width // 4, height // 4, width * 3 // 4, height * 3 // 4), fill=COLOURS[colour])
+            mark = max(width, height) // 8
+            if width >= height:
+                draw.rectangle((0, 0, mark, height), fill=(255, 0, 0))
+                draw.rectangle((width - mark, 0, width, height), fill=(255, 0, 0))
+            else:
+                draw.rectangle((0, 0, width, mark), fill=(255, 0, 0))
+                draw.rectangle((0, height - mark, width, height), fill=(255, 0, 0))
+            name = f"{frame}-{index}"
+            image.save(folder / f"{name}.png")
+            (folder / f"{name}.txt").write_text(f"a {colour} circle, {frame}\n", encoding="utf-8")
+    return folder

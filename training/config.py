@@ -4,11 +4,18 @@ Every option is declared once, here, with its description and constraints. The c
 the model (`--max-train-steps 200` and diffusers' `--max_train_steps=200` both work), a config file gives the same
 keys, flags override the file, and `POST /train` validates its `args` with the same models. Nothing here imports
 torch, so the API can validate a request without loading any of it.
+
+diffusers' example scripts (train_text_to_image_lora.py, train_dreambooth_lora.py) name some options differently;
+their spellings are accepted too, with their meanings: plain renames are aliases of the field
+(`--pretrained_model_name_or_path` is `--base`, `--train_data_dir` is `--dataset`, `--validation_prompt` one of
+`--validation-prompts`), and the few that say the same thing in another shape are translated before validation
+(`DIFFUSERS_FLAGS`: `--center_crop`, `--push_to_hub`, `--hub_model_id`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import sys
@@ -32,8 +39,12 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 UNET_ATTENTION_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
-# Set by the server for runs it starts; a client of POST /train may not choose them.
-SERVER_OWNED_OPTIONS = ("output_dir", "run_id", "resume_from_checkpoint")
+# Set by the server for runs it starts; a client of POST /train may not choose them (POST /train/{id}/resume
+# continues a stopped run from its last checkpoint).
+SERVER_OWNED_OPTIONS = ("output_dir", "run_id", "resume_from_checkpoint", "logging_dir")
+Tracker = Literal["none", "tensorboard", "wandb", "comet_ml", "all"]
+# The package each accelerate tracker needs; asked for without it, the run would fail after loading the base.
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",)}
 
 
 class OptionsError(ValueError):
@@ -48,7 +59,7 @@ class TrainingOptions(BaseModel):
 
     # -- base and output -----------------------------------------------------------------------------------
     base: str = Field(
-        "demo", min_length=1,
+        "demo", min_length=1, validation_alias=AliasChoices("base", "pretrained_model_name_or_path"),
         description="Registry name of the base model (see GET /models), or a diffusers folder / .safetensors file.",
     )
     output_dir: Path | None = Field(
@@ -77,9 +88,32 @@ class TrainingOptions(BaseModel):
     # -- data ---------------------------------------------------------------------------------------------
     resolution: int | None = Field(
         None, ge=64, le=4096, multiple_of=8,
-        description="Square training size in pixels; images are resized (short side) and cropped. Default: the base's.",
+        description="Training size in pixels: the square's side, or with buckets the side of the square whose area "
+        "every bucket keeps. Default: the base's.",
     )
-    crop: Literal["center", "random"] = Field("center", description="How the square is cut from the resized image.")
+    crop: Literal["center", "random"] = Field(
+        "center", description="Where the training size is cut from the resized image (with buckets: the few pixels "
+        "left over by the nearest bucket's shape)."
+    )
+    aspect_ratio_buckets: bool | None = Field(
+        None, validation_alias=AliasChoices("aspect_ratio_buckets", "enable_bucket"),
+        description="Train each image at the bucket (a width x height of about resolution^2 pixels) nearest its "
+        "shape instead of a square crop; each batch comes from one bucket. Default: on when some image is not "
+        "square.",
+    )
+    bucket_step: int | None = Field(
+        None, ge=8, le=1024, multiple_of=8, validation_alias=AliasChoices("bucket_step", "bucket_reso_steps"),
+        description="Bucket sides are multiples of this. Default: 64 from resolution 256 up, else the smallest "
+        "the base allows (VAE factor x UNet downsampling).",
+    )
+    min_bucket_side: int | None = Field(
+        None, ge=8, le=8192, validation_alias=AliasChoices("min_bucket_side", "min_bucket_reso"),
+        description="Shortest bucket side in pixels; default: half the resolution.",
+    )
+    max_bucket_side: int | None = Field(
+        None, ge=8, le=8192, validation_alias=AliasChoices("max_bucket_side", "max_bucket_reso"),
+        description="Longest bucket side in pixels; default: twice the resolution.",
+    )
     random_flip: bool = Field(False, description="Flip images horizontally at random (half of the time).")
     cache_latents: bool = Field(
         False, description="Encode every image with the VAE once before training (faster steps; no random crop)."
@@ -87,6 +121,9 @@ class TrainingOptions(BaseModel):
     dataloader_num_workers: int = Field(0, ge=0, le=64, description="Worker processes that load images.")
     # -- optimisation ---------------------------------------------------------------------------------------
     learning_rate: float = Field(1e-4, gt=0, le=1, description="Peak learning rate of the LoRA layers.")
+    scale_lr: bool = Field(
+        False, description="Multiply the learning rates by the effective batch (batch x accumulation x processes)."
+    )
     text_encoder_learning_rate: float | None = Field(
         None, gt=0, le=1, description="Learning rate of the text encoder's LoRA layers; default: --learning-rate."
     )
@@ -105,6 +142,10 @@ class TrainingOptions(BaseModel):
         None, description="Frozen weights and activations in this precision; default: the accelerate config's."
     )
     allow_tf32: bool = Field(False, description="Allow TF32 matmuls on Ampere and newer GPUs.")
+    use_8bit_adam: bool = Field(False, description="bitsandbytes' 8-bit AdamW (needs the bitsandbytes package).")
+    enable_xformers_memory_efficient_attention: bool = Field(
+        False, description="xformers attention in the UNet (needs the xformers package and a GPU)."
+    )
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_weight_decay: float = Field(1e-2, ge=0)
@@ -127,9 +168,20 @@ class TrainingOptions(BaseModel):
         None, description="'latest' (in --output-dir) or a checkpoint folder: continue exactly where it stopped."
     )
     logging_steps: int = Field(10, ge=1, description="Write a progress line (JSON) every N optimizer steps.")
+    report_to: Tracker = Field(
+        "none", description="Also log loss, learning rate and validation images to accelerate's trackers "
+        "(tensorboard, wandb, comet_ml or all installed ones); the package must be installed.",
+    )
+    logging_dir: Path = Field(Path("logs"), description="Tracker logs (TensorBoard), relative to --output-dir.")
     # -- validation ---------------------------------------------------------------------------------------------
-    validation_prompts: list[str] = Field(default_factory=list, description="Prompts rendered during training.")
+    validation_prompts: list[str] = Field(
+        default_factory=list, validation_alias=AliasChoices("validation_prompts", "validation_prompt"),
+        description="Prompts rendered during training.",
+    )
     validation_steps: int = Field(100, ge=1, description="Render the validation prompts every N steps and at the end.")
+    validation_epochs: int | None = Field(
+        None, ge=1, description="Render them every N epochs instead of every --validation-steps (and at the end)."
+    )
     num_validation_images: int = Field(1, ge=1, le=16, description="Images per validation prompt.")
     validation_inference_steps: int = Field(25, ge=1, le=200, description="Denoising steps of validation images.")
     validation_guidance_scale: float = Field(7.0, ge=0, le=50, description="Guidance scale of validation images.")
@@ -145,13 +197,34 @@ class TrainingOptions(BaseModel):
     )
     description: str | None = Field(None, max_length=2000, description="Free text stored in the registry entry.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _diffusers_spellings(cls, data: Any) -> Any:
+        return translate_diffusers_flags(data) if isinstance(data, dict) else data
+
     @model_validator(mode="after")
     def _consistent(self) -> TrainingOptions:
         if self.cache_latents and self.crop == "random":
             raise ValueError("cache_latents encodes each image once, so it cannot be combined with crop=random")
         if self.resume_from_checkpoint == "latest" and self.output_dir is None:
             raise ValueError("resume_from_checkpoint=latest needs output_dir: the run folder to resume")
+        if self.min_bucket_side and self.max_bucket_side and self.min_bucket_side > self.max_bucket_side:
+            raise ValueError("min_bucket_side must not be larger than max_bucket_side")
+        for option, packages in (("use_8bit_adam", ("bitsandbytes",)),
+                                 ("enable_xformers_memory_efficient_attention", ("xformers",))):
+            if getattr(self, option) and not _installed(packages):
+                raise ValueError(f"{option} needs the {packages[0]} package (pip install {packages[0]})")
+        needed = TRACKER_PACKAGES.get(self.report_to)
+        if needed and not _installed(needed):
+            raise ValueError(f"report_to={self.report_to} needs the {needed[0]} package (pip install {needed[0]}), "
+                             "or leave report_to out")
         return self
+
+    @field_validator("validation_prompts", mode="before")
+    @classmethod
+    def _one_prompt_is_a_list(cls, value: Any) -> Any:
+        # diffusers' --validation_prompt is one string; a config file or API request may give it so.
+        return [value] if isinstance(value, str) else value
 
     @field_validator("validation_prompts", "trigger_words")
     @classmethod
@@ -171,8 +244,10 @@ class LoraOptions(TrainingOptions):
     kind: ClassVar[str] = "lora"
 
     dataset: Path = Field(
+        validation_alias=AliasChoices("dataset", "train_data_dir", "dataset_name"),
         description="A folder with metadata.jsonl (file_name, text) or images with same-name .txt captions, "
-        "or a .csv file (file_name, text columns; paths relative to the CSV)."
+        "or a .csv file (file_name, text columns; paths relative to the CSV). Through the API: an uploaded "
+        "dataset's name (GET /datasets).",
     )
     image_column: str = Field("file_name", min_length=1, description="Image path column of metadata.jsonl / CSV.")
     caption_column: str = Field("text", min_length=1, description="Caption column of metadata.jsonl / CSV.")
@@ -197,6 +272,7 @@ class DreamBoothOptions(TrainingOptions):
     )
     num_class_images: int = Field(100, ge=1, le=10_000, description="Class images wanted; the base generates the rest.")
     class_generation_steps: int = Field(25, ge=1, le=200, description="Denoising steps per generated class image.")
+    sample_batch_size: int = Field(4, ge=1, le=64, description="Class images rendered per pipeline call.")
     prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the class images' loss.")
 
     @model_validator(mode="after")
@@ -207,6 +283,47 @@ class DreamBoothOptions(TrainingOptions):
 
 
 OPTIONS_BY_KIND: dict[str, type[TrainingOptions]] = {"lora": LoraOptions, "dreambooth": DreamBoothOptions}
+
+
+# -- diffusers' spellings that are not plain renames ------------------------------------------------------------
+# flag -> (argparse keywords, help). Translated by `translate_diffusers_flags` into the options above.
+DIFFUSERS_FLAGS: dict[str, tuple[dict[str, Any], str]] = {
+    "center_crop": ({"action": argparse.BooleanOptionalAction},
+                    "diffusers' spelling of --crop center (--no-center_crop: --crop random). Without either, the "
+                    "crop is --crop's (center), where diffusers' scripts crop at random."),
+    "push_to_hub": ({"action": argparse.BooleanOptionalAction},
+                    "Publish the result: here, register it in the model registry (nothing is uploaded) under "
+                    "--hub_model_id's last part, or else --output-dir's folder name."),
+    "hub_model_id": ({"metavar": "NAME"}, "With --push_to_hub: the name ('user/name' registers as 'name')."),
+}
+
+
+def translate_diffusers_flags(data: dict[str, Any]) -> dict[str, Any]:
+    """diffusers' `center_crop`, `push_to_hub` and `hub_model_id` as this project's `crop` and `register_as`."""
+    if not any(key in data for key in DIFFUSERS_FLAGS):
+        return data
+    data = dict(data)
+    center = data.pop("center_crop", None)
+    if center is not None:
+        crop = "center" if center else "random"
+        if data.get("crop", crop) != crop:
+            raise ValueError(f"center_crop={center} and crop={data['crop']} contradict each other")
+        data["crop"] = crop
+    publish, hub_name = data.pop("push_to_hub", False), data.pop("hub_model_id", None)
+    if publish:
+        output = data.get("output_dir")
+        name = str(hub_name).rstrip("/").rsplit("/", 1)[-1] if hub_name else (Path(output).name if output else None)
+        if not name:
+            raise ValueError("push_to_hub registers the result under hub_model_id or output_dir's name; give one")
+        registered = data.get("register_as", data.get("register"))
+        if registered is not None and registered != name:
+            raise ValueError(f"push_to_hub would register {name!r} but register asks for {registered!r}")
+        data["register_as"] = name
+    return data
+
+
+def _installed(packages: tuple[str, ...]) -> bool:
+    return any(importlib.util.find_spec(package) is not None for package in packages)
 
 
 # -- reading options ---------------------------------------------------------------------------------------------
@@ -259,6 +376,9 @@ def build_parser(options_class: type[TrainingOptions], description: str) -> argp
         underscored = [f"--{spelling}" for spelling in spellings if "_" in spelling]
         if underscored:
             parser.add_argument(*underscored, help=argparse.SUPPRESS, **keywords)
+    group = parser.add_argument_group("diffusers' spellings", "accepted as diffusers' example scripts mean them")
+    for flag, (keywords, help_text) in DIFFUSERS_FLAGS.items():
+        group.add_argument(f"--{flag}", dest=flag, default=argparse.SUPPRESS, help=help_text, **keywords)
     return parser
 
 

@@ -96,6 +96,9 @@ def _from_csv(path: Path, image_column: str, caption_column: str) -> list[Exampl
 
 def _row_example(row: dict[str, Any], path: Path, number: int, image_column: str, caption_column: str) -> Example:
     file_name, caption = row.get(image_column), row.get(caption_column)
+    if file_name is None and image_column == "image":
+        # diffusers' scripts read folders with datasets' imagefolder, which turns file_name into an "image" column.
+        file_name = row.get("file_name")
     if not isinstance(file_name, str) or not file_name:
         raise DatasetError(f"{path} line {number}: no {image_column!r}")
     if not isinstance(caption, str):

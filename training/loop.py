@@ -5,7 +5,8 @@ generated class images. Everything else happens here, in this order:
 
 1. Accelerator, run id and seed (shared by every process; taken from the checkpoint when resuming).
 2. The base, resolved by registry name or path and loaded through the server's pipeline code.
-3. The script's data (DreamBooth renders missing class images here, with the untouched base).
+3. The script's data (DreamBooth renders missing class images here, with the untouched base), then its
+   aspect-ratio buckets (training/data.py) when its images are not square.
 4. Frozen weights cast to the mixed precision; LoRA layers added and kept in float32; latents cached if asked.
 5. Dataloader, AdamW, learning-rate schedule, all prepared by accelerate; checkpoint hooks save only LoRA weights.
 6. Resume: accelerate restores optimizer, schedule and RNG states, the noise generator is reloaded and the batches
@@ -13,6 +14,9 @@ generated class images. Everything else happens here, in this order:
 7. Steps: noise, timesteps, the family's text conditioning (training/conditioning.py: SDXL adds its second text
    encoder and size conditioning), MSE on the noise (or v) target, min-SNR weights, prior-preservation loss.
 8. The weights file with its metadata, final validation images and the registry entry.
+
+Along the way the run folder gets `loss.png` and `validation_grid.png` (training/plots.py), and with
+`--report_to` accelerate's trackers (TensorBoard, ...) get the loss, learning rate and validation images.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import signal
 import time
@@ -32,11 +35,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
@@ -49,18 +53,26 @@ from models.registry import Registry
 from models.settings import Settings, get_settings
 from training import adapters
 from training.base_model import BaseChoice, load_base, make_renderer, resolve_base, weights_sha256
+from training.checkpoints import STATE_FILE, latest_checkpoint, list_checkpoints
 from training.conditioning import TextConditioning
 from training.config import TrainingOptions
-from training.data import Collate, ImageCaptionDataset, PairedDataset
+from training.data import (
+    BucketBatchSampler,
+    Collate,
+    ImageCaptionDataset,
+    PairedDataset,
+    bucket_table,
+    image_size,
+    nearest_bucket,
+)
 from training.dataset_files import Example, dataset_sha256
 from training.lifeline import ServerLifeline
-from training.progress import ProgressReporter
+from training.plots import LOSS_PLOT, VALIDATION_GRID, save_loss_plot, save_validation_grid
+from training.progress import PROGRESS_FILE, ProgressReporter, read_progress
 from training.registration import check_registration, register_weights
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-STATE_FILE = "training_state.json"
 FORMAT_VERSION = "1"
 
 
@@ -122,10 +134,15 @@ def train(
         gradient_accumulation_steps=options.gradient_accumulation_steps,
         mixed_precision=options.mixed_precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # The trackers' folder is made absolute once the run folder is known (_start_trackers).
+        log_with=None if options.report_to == "none" else options.report_to,
+        project_config=ProjectConfiguration(logging_dir=str(options.logging_dir)),
     )
     try:
         return _Run(options, build_data, settings, accelerator, should_stop or (lambda step: False)).execute()
     finally:
+        if options.report_to != "none":
+            accelerator.end_training()
         accelerator.free_memory()
         # accelerate keeps its state in process-wide singletons; a later train() in this process (a notebook,
         # the tests) may want another precision. accelerate's own test suite resets them the same way.
@@ -152,16 +169,20 @@ class _Run:
         context = RunContext(self.options, self.accelerator, self.output_dir, self.run_id, self.seed,
                              self.resolution, self.base, make_renderer(self.pipeline, self.model), self.progress.event)
         self.data = self.build_data(context)  # 3. with the untouched base (DreamBooth renders class images)
+        self.bucket_sampler = self._plan_buckets()
         self._add_lora_layers()
         self._prepare_training()
         self._register_checkpoint_hooks()
         self._resume(checkpoint)
+        self._start_trackers()
         self.losses: list[float] = []
+        self.loss_points = self._earlier_losses()
         try:
             self._train_steps()
             return self._finish()
         finally:
             self.progress.close()
+            self._save_loss_plot()
 
     def _start(self) -> Path | None:
         """1. Precision check, the checkpoint to resume, run id, seed, output folder, progress."""
@@ -251,7 +272,8 @@ class _Run:
             assert self.options.output_dir is not None  # checked by the options model
             latest = latest_checkpoint(self.options.output_dir)
             if latest is None:
-                raise InvalidRequest(f"no checkpoint to resume in {self.options.output_dir}")
+                # As diffusers' scripts do: the same command starts a run and continues it after an interruption.
+                logger.warning("no checkpoint in %s yet: starting a new run", self.options.output_dir)
             return latest
         path = Path(requested)
         if not (path / STATE_FILE).is_file():
@@ -326,24 +348,64 @@ class _Run:
         self.global_step = int(saved["step"])
         logger.info("resumed from %s at step %d", checkpoint, self.global_step)
 
+    # -- 3b. aspect-ratio buckets -----------------------------------------------------------------------------------
+    def _plan_buckets(self) -> BucketBatchSampler | None:
+        """Each image's bucket; on when asked, or by default when some image's bucket is not the square."""
+        options, dataset = self.options, self.data.dataset
+        bucketed = dataset.instances if isinstance(dataset, PairedDataset) else dataset
+        if options.aspect_ratio_buckets is False:
+            return None
+        table = bucket_table(self.resolution, self._bucket_step(), options.min_bucket_side, options.max_bucket_side)
+        if not table:
+            logger.warning("no bucket fits resolution %d with these bucket sides: training square crops",
+                           self.resolution)
+            return None
+        sizes = [nearest_bucket(image_size(example.image), table) for example in bucketed.examples]
+        square = nearest_bucket((1, 1), table)
+        if options.aspect_ratio_buckets is None and all(size == square for size in sizes):
+            return None
+        bucketed.use_sizes(sizes)
+        counts = {f"{width}x{height}": sizes.count((width, height)) for width, height in table}
+        logger.info("aspect-ratio buckets (width x height: images): %s",
+                    ", ".join(f"{name}: {count}" for name, count in counts.items()))
+        self.progress.event("buckets", resolution=self.resolution, buckets=counts)
+        return BucketBatchSampler(dataset.sizes, self.options.train_batch_size, self.seed)
+
+    def _bucket_step(self) -> int:
+        """Bucket sides are multiples of what the UNet needs (VAE factor x its downsampling), and of 64 (kohya's
+        step) from resolution 256 up."""
+        config = self.unet.config
+        needed = self.pipeline.vae_scale_factor * 2 ** (len(config.block_out_channels) - 1)
+        requested = self.options.bucket_step
+        if requested is not None:
+            if requested % needed:
+                raise InvalidRequest(f"bucket_step {requested} is not a multiple of {needed}, which this base needs")
+            return requested
+        return math.lcm(needed, 64) if self.resolution >= 256 else needed
+
     # -- 5. dataloader, optimizer, schedule -------------------------------------------------------------------------
     def _prepare_training(self) -> None:
         options, accelerator = self.options, self.accelerator
-        loader = DataLoader(
-            self.data.dataset, batch_size=options.train_batch_size, shuffle=True,
-            collate_fn=Collate(*self.conditioning.tokenizers), num_workers=options.dataloader_num_workers,
-        )
+        if options.enable_xformers_memory_efficient_attention:
+            self.unet.enable_xformers_memory_efficient_attention()
+        common = {"collate_fn": Collate(*self.conditioning.tokenizers), "num_workers": options.dataloader_num_workers}
+        if self.bucket_sampler is not None:
+            loader = DataLoader(self.data.dataset, batch_sampler=self.bucket_sampler, **common)
+        else:
+            loader = DataLoader(self.data.dataset, batch_size=options.train_batch_size, shuffle=True, **common)
         self.dataloader = accelerator.prepare(loader)
         # Per process, after sharding; the last accumulation of an epoch may be short (accelerate syncs there).
         self.updates_per_epoch = math.ceil(len(self.dataloader) / options.gradient_accumulation_steps)
         self.max_steps = options.max_train_steps or options.num_train_epochs * self.updates_per_epoch
         self.num_epochs = math.ceil(self.max_steps / self.updates_per_epoch)
-        groups = [{"params": adapters.trainable_parameters(self.unet), "lr": options.learning_rate}]
+        scale = (options.train_batch_size * options.gradient_accumulation_steps * accelerator.num_processes
+                 if options.scale_lr else 1)
+        groups = [{"params": adapters.trainable_parameters(self.unet), "lr": options.learning_rate * scale}]
         if self.trained_text_encoders:
             groups.append({"params": adapters.trainable_parameters(*self.trained_text_encoders.values()),
-                           "lr": options.text_encoder_learning_rate or options.learning_rate})
-        optimizer = torch.optim.AdamW(groups, betas=(options.adam_beta1, options.adam_beta2),
-                                      weight_decay=options.adam_weight_decay, eps=options.adam_epsilon)
+                           "lr": (options.text_encoder_learning_rate or options.learning_rate) * scale})
+        optimizer = _adamw(options.use_8bit_adam)(groups, betas=(options.adam_beta1, options.adam_beta2),
+                                                  weight_decay=options.adam_weight_decay, eps=options.adam_epsilon)
         # accelerate steps a prepared schedule once per process per optimizer step.
         schedule = get_scheduler(
             options.lr_scheduler, optimizer,
@@ -376,12 +438,17 @@ class _Run:
                 model.train()
             self.data.dataset.set_epoch(epoch)
             self.dataloader.set_epoch(epoch)
+            if self.bucket_sampler is not None:
+                # accelerate passes the epoch on to a sampler it wraps for several processes only.
+                self.bucket_sampler.set_epoch(epoch)
             batches = self.dataloader
             seen = (self.global_step - epoch * self.updates_per_epoch) * ga
             if seen > 0:
                 batches = accelerator.skip_first_batches(self.dataloader, seen)
             for batch in batches:
                 with accelerator.accumulate(*self.trained_models):
+                    # time ids end with the target (height, width): the batch's size, its bucket.
+                    self.batch_size_px = [int(side) for side in batch["time_ids"][0, 4:6].flip(0).tolist()]
                     loss = self._loss(batch)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
@@ -400,17 +467,24 @@ class _Run:
                 self._after_step(step_loss, epoch)
                 if self.global_step >= self.max_steps:
                     return
+            epochs = self.options.validation_epochs
+            if epochs is not None and (epoch + 1) % epochs == 0 and self.global_step < self.max_steps:
+                self._validate()
 
     def _after_step(self, loss: float, epoch: int) -> None:
         options, step = self.options, self.global_step
         self.losses.append(loss)
+        self.loss_points.append((step, loss))
         lr = self.lr_schedule.get_last_lr()[0]
         self.progress.advance(loss, lr)
         if step % options.logging_steps == 0 or step == self.max_steps:
-            self.progress.log_step(step, loss, lr, epoch, self.max_steps)
+            self.progress.log_step(step, loss, lr, epoch, self.max_steps, size=self.batch_size_px)
+        if options.report_to != "none":
+            self.accelerator.log({"loss": loss, "lr": lr}, step=step)
         if step % options.checkpointing_steps == 0:
             self._save_checkpoint()
-        if step % options.validation_steps == 0 and step < self.max_steps:
+            self._save_loss_plot()
+        if options.validation_epochs is None and step % options.validation_steps == 0 and step < self.max_steps:
             self._validate()
         if self._stop_requested() and step < self.max_steps:
             checkpoint = self._save_checkpoint() if step % options.checkpointing_steps else self._checkpoint_path()
@@ -474,6 +548,46 @@ class _Run:
             return clipped / (snr + 1)
         return clipped / snr
 
+    # -- what the run folder and trackers show -----------------------------------------------------------------------
+    def _start_trackers(self) -> None:
+        """accelerate's trackers (--report_to) write into <output>/<logging_dir>, with the options as their config."""
+        options = self.options
+        if options.report_to == "none":
+            return
+        self.accelerator.project_configuration.logging_dir = str(self.output_dir / options.logging_dir)
+        config = {key: value if isinstance(value, int | float | str | bool) else json.dumps(value)
+                  for key, value in options.model_dump(mode="json").items()}
+        self.accelerator.init_trackers(f"sdserve-{options.kind}", config=config)
+
+    def _earlier_losses(self) -> list[tuple[int, float]]:
+        """The logged losses of the steps before a resume, so the loss plot shows the whole run."""
+        if not self.global_step or not self.main:
+            return []
+        return [(event["step"], event["loss"]) for event in read_progress(self.output_dir / PROGRESS_FILE)
+                if event.get("event") == "step" and event.get("step", 0) <= self.global_step and "loss" in event]
+
+    def _save_loss_plot(self) -> None:
+        if self.main and getattr(self, "loss_points", None):
+            save_loss_plot(self.loss_points, self.output_dir / LOSS_PLOT)
+
+    def _save_validation_grid(self) -> None:
+        rounds = [(event["step"], [Path(path) for path in event.get("images", []) if Path(path).is_file()])
+                  for event in read_progress(self.output_dir / PROGRESS_FILE) if event.get("event") == "validation"]
+        save_validation_grid(rounds, self.output_dir / VALIDATION_GRID)
+
+    def _track_images(self, files: list[str]) -> None:
+        """Validation images to TensorBoard (the tracker that takes plain arrays)."""
+        if self.options.report_to not in ("tensorboard", "all") or not files:
+            return
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                images = []
+                for file in files:
+                    with Image.open(file) as opened:
+                        images.append(np.asarray(opened.convert("RGB")))
+                if len({image.shape for image in images}) == 1:
+                    tracker.writer.add_images("validation", np.stack(images), self.global_step, dataformats="NHWC")
+
     # -- validation and 8. output -----------------------------------------------------------------------------------
     def _validate(self) -> None:
         options = self.options
@@ -499,6 +613,9 @@ class _Run:
             model.train()
         self.progress.event("validation", step=self.global_step, images=saved,
                             seconds=round(time.perf_counter() - started, 2))
+        self._save_validation_grid()
+        self._save_loss_plot()
+        self._track_images(saved)
 
     def _finish(self) -> TrainingResult:
         accelerator, options = self.accelerator, self.options
@@ -550,24 +667,15 @@ class _Run:
         return metadata | self.data.metadata
 
 
-# -- checkpoints on disk ---------------------------------------------------------------------------------------------
-def list_checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints of a run folder, oldest first."""
-    if not Path(folder).is_dir():
-        return []
-    found = []
-    for path in Path(folder).iterdir():
-        match = CHECKPOINT_PATTERN.match(path.name)
-        if match and (path / STATE_FILE).is_file():
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
+def _adamw(eight_bit: bool) -> type[torch.optim.Optimizer]:
+    if not eight_bit:
+        return torch.optim.AdamW
+    import bitsandbytes  # checked to be installed by the options
+
+    return bitsandbytes.optim.AdamW8bit
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    checkpoints = list_checkpoints(folder)
-    return checkpoints[-1] if checkpoints else None
-
-
+# -- checkpoints on disk (found by training/checkpoints.py) ---------------------------------------------------------
 def _read_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
 

@@ -38,11 +38,11 @@ class ProgressReporter:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
 
-    def log_step(self, step: int, loss: float, lr: float, epoch: int, max_steps: int) -> None:
+    def log_step(self, step: int, loss: float, lr: float, epoch: int, max_steps: int, **extra: Any) -> None:
         elapsed = time.perf_counter() - self._window_started
         speed = self._window_steps / elapsed if elapsed > 0 else 0.0
         self.event("step", step=step, max_steps=max_steps, epoch=epoch, loss=round(loss, 6), lr=lr,
-                   steps_per_s=round(speed, 4))
+                   steps_per_s=round(speed, 4), **extra)
         self._window_started, self._window_steps = time.perf_counter(), 0
 
     def event(self, name: str, **fields: Any) -> None:

@@ -8,6 +8,9 @@ after `training_stop_timeout_s`.
 
 Requests may only name datasets, class-image folders and base paths inside the allowed folders
 (`training_dirs`, default the datasets folder and the output folder); the server chooses the output folder.
+Datasets can be uploaded into the datasets folder (`self.datasets`, training/datasets.py). A run that stopped
+(cancelled, interrupted, failed) after a checkpoint can be resumed: it is queued again, same id and folder, and
+its script continues from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,14 +35,16 @@ from typing import Any
 import psutil
 
 import training
-from models.errors import InvalidRequest, ModelNotFound, NotReady, RegistryError, TrainingRunNotFound
+from models.errors import Conflict, InvalidRequest, ModelNotFound, NotReady, RegistryError, TrainingRunNotFound
 from models.registry import BASE_KINDS, Registry, RegistryEntry
 from models.settings import Settings
 from models.sources import is_valid_name
 from models.types import JobStatus
 from training.base_model import BaseChoice
+from training.checkpoints import latest_checkpoint
 from training.config import SERVER_OWNED_OPTIONS, DreamBoothOptions, LoraOptions, TrainingOptions
 from training.dataset_files import find_captioned_images, find_images
+from training.datasets import DatasetStore, staging_leftovers
 from training.lifeline import process_started, server_environment
 from training.progress import PROGRESS_FILE, read_progress
 from training.registration import check_registration
@@ -50,6 +56,10 @@ SCRIPTS = {"lora": "train_lora.py", "dreambooth": "train_dreambooth_lora.py"}
 POLL_INTERVAL_S = 0.25
 LOG_TAIL_CHARS = 4000
 PROGRESS_TAIL_BYTES = 16_384
+EVENTS_CHUNK_BYTES = 256 * 1024
+RESUMABLE = (JobStatus.cancelled, JobStatus.interrupted, JobStatus.failed)
+# Options naming folders a run reads; a dataset they name may not be deleted while the run is queued or running.
+DATA_OPTIONS = ("dataset", "instance_data_dir", "class_data_dir")
 
 
 @dataclass
@@ -65,6 +75,7 @@ class TrainingRun:
     exit_code: int | None = None
     error: str | None = None
     pid: int | None = None
+    resumes: int = 0  # times it was queued again to continue from its last checkpoint
     # Set when the server stops a running run: the state and message it ends with once its processes are gone.
     stopping_as: tuple[JobStatus, str] | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
@@ -88,6 +99,37 @@ class TrainingRun:
     def outcome(self) -> dict[str, Any] | None:
         return next((event for event in reversed(self.events()) if event.get("event") == "done"), None)
 
+    def events_since(self, offset: int, max_bytes: int = EVENTS_CHUNK_BYTES) -> tuple[list[dict[str, Any]], int]:
+        """The progress lines that start at byte `offset` (complete lines only, at most about `max_bytes`) and the
+        offset to ask from next time: a page follows a run without reading its whole history again."""
+        path = self.folder / PROGRESS_FILE
+        try:
+            with path.open("rb") as stream:
+                stream.seek(max(0, offset))
+                data = stream.read(max_bytes)
+        except OSError:
+            return [], offset
+        end = data.rfind(b"\n") + 1
+        events = []
+        for line in data[:end].decode("utf-8", errors="replace").splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return events, max(0, offset) + end
+
+    def file(self, relative: str) -> Path | None:
+        """A PNG of the run folder (validation images, loss.png, validation_grid.png), or None."""
+        folder = self.folder.resolve()
+        path = (folder / relative).resolve()
+        if path.suffix.lower() != ".png" or not path.is_relative_to(folder) or not path.is_file():
+            return None
+        return path
+
+    @property
+    def resumable(self) -> bool:
+        return self.state in RESUMABLE and latest_checkpoint(self.folder) is not None
+
     def log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
         try:
             with self.log_path.open("rb") as stream:
@@ -101,6 +143,7 @@ class TrainingRun:
             "id": self.id, "kind": self.kind, "options": self.options, "state": self.state.value,
             "created_at": self.created_at, "started_at": self.started_at, "finished_at": self.finished_at,
             "exit_code": self.exit_code, "error": self.error, "pid": self.pid,
+            "resumes": self.resumes,
             # The launcher's start time: with the pid, it tells a later server whether the process still runs.
             "pid_started": process_started(self.pid) if self.pid is not None and not self.state.finished else None,
         }
@@ -113,6 +156,7 @@ class TrainingRunManager:
         self.registry = Registry(settings.registry_path)
         self.root = Path(settings.output_dir) / "training"
         self._runs: OrderedDict[str, TrainingRun] = OrderedDict()
+        self.datasets = DatasetStore(settings, in_use=self.run_using)
         self._condition = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._watch, name="training-runs", daemon=True)
@@ -120,6 +164,9 @@ class TrainingRunManager:
     # -- lifecycle ------------------------------------------------------------------------------------------------
     def start(self) -> None:
         self._load_history()
+        for leftover in staging_leftovers(self.datasets.root):
+            logger.info("removing %s, left by an interrupted dataset upload", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -145,7 +192,8 @@ class TrainingRunManager:
             raise NotReady("the server is shutting down")
         owned = sorted(set(SERVER_OWNED_OPTIONS) & options.model_fields_set)
         if owned:
-            raise InvalidRequest(f"{', '.join(owned)}: chosen by the server for runs it starts; leave it out")
+            raise InvalidRequest(f"{', '.join(owned)}: chosen by the server for runs it starts; leave it out "
+                                 "(POST /train/{id}/resume continues a stopped run from its last checkpoint)")
         options = self._checked(options)
         run_id = f"{options.kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         folder = self.root / run_id
@@ -177,6 +225,52 @@ class TrainingRunManager:
             queued = [other for other in self._runs.values() if other.state is JobStatus.queued]
         return queued.index(run) + 1 if run in queued else None
 
+    def resume(self, run_id: str) -> TrainingRun:
+        """Queue a stopped run again; its script continues from the newest checkpoint in its folder."""
+        if self._stopping:
+            raise NotReady("the server is shutting down")
+        run = self.get(run_id)
+        with self._condition:
+            if run.state not in RESUMABLE:
+                raise Conflict(f"run {run_id} is {run.state.value}: only a cancelled, interrupted or failed run "
+                               "can be resumed")
+            checkpoint = latest_checkpoint(run.folder)
+            if checkpoint is None:
+                raise Conflict(f"run {run_id} stopped before its first checkpoint: nothing to resume (start it "
+                               "again with POST /train)")
+            options = dict(run.options, resume_from_checkpoint="latest")
+            validated = (LoraOptions if run.kind == "lora" else DreamBoothOptions).model_validate(options)
+            self._check_name_free(validated)
+            check_registration(validated, self._base_of(options), self.registry)  # a name taken since
+            (run.folder / "options.json").write_text(json.dumps(options, indent=2), encoding="utf-8")
+            run.options = options
+            run.state, run.error, run.exit_code, run.pid, run.process = JobStatus.queued, None, None, None, None
+            run.finished_at, run.stopping_as = None, None
+            run.resumes += 1
+            self._runs.move_to_end(run_id)  # queued behind the runs already waiting
+            self._save(run)
+            self._start_queued()
+        logger.info("training run %s resumed from %s: %s", run_id, checkpoint.name, run.state.value)
+        return run
+
+    def run_using(self, folder: Path) -> str | None:
+        """The id of a queued or running run that reads `folder` (or a path inside it), if any."""
+        with self._condition:
+            runs = [run for run in self._runs.values() if run.state in (JobStatus.queued, JobStatus.running)]
+        for run in runs:
+            for option in DATA_OPTIONS:
+                value = run.options.get(option)
+                if value and Path(value).resolve().is_relative_to(folder):
+                    return run.id
+        return None
+
+    def _base_of(self, options: dict[str, Any]) -> BaseChoice:
+        base = str(options.get("base", "demo"))
+        entry = self.registry.entries().get(base)
+        if entry is not None and entry.kind in BASE_KINDS:
+            return BaseChoice(requested=base, name=base, entry=entry)
+        return BaseChoice(requested=base, name=None, entry=RegistryEntry(source=base))
+
     def cancel(self, run_id: str) -> TrainingRun:
         """Cancel a queued run, or stop a running one and wait until all of its processes are gone."""
         run = self.get(run_id)
@@ -195,8 +289,10 @@ class TrainingRunManager:
 
     # -- validation -------------------------------------------------------------------------------------------------
     def allowed_dirs(self) -> list[Path]:
-        configured = self.settings.training_dirs or [self.settings.datasets_dir, self.settings.output_dir]
-        return [Path(folder).expanduser().resolve() for folder in configured]
+        configured = self.settings.training_dirs or [self.settings.output_dir]
+        # The datasets folder always: datasets uploaded through the API live there.
+        folders = [Path(folder).expanduser().resolve() for folder in [self.settings.datasets_dir, *configured]]
+        return list(dict.fromkeys(folders))
 
     def _checked(self, options: TrainingOptions) -> TrainingOptions:
         changes: dict[str, Any] = {}
@@ -371,7 +467,7 @@ class TrainingRunManager:
                                   folder=self.root / record["id"], state=JobStatus(record["state"]),
                                   created_at=record["created_at"], started_at=record.get("started_at"),
                                   finished_at=record.get("finished_at"), exit_code=record.get("exit_code"),
-                                  error=record.get("error"))
+                                  error=record.get("error"), resumes=record.get("resumes", 0))
             except (KeyError, ValueError) as error:
                 logger.warning("ignoring malformed training record %s: %s", record.get("id"), error)
                 continue

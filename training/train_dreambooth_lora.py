@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CLASS_IMAGE_GUIDANCE = 7.5
-CLASS_IMAGES_PER_CALL = 4
 
 
 def find_instances(options: DreamBoothOptions) -> list[Example]:
@@ -78,7 +77,7 @@ def ensure_class_images(context: RunContext, class_dir: Path) -> None:
             context.report("class_images", have=have, rendering=missing, folder=str(class_dir))
         index = have
         while index < options.num_class_images:
-            count = min(CLASS_IMAGES_PER_CALL, options.num_class_images - index)
+            count = min(options.sample_batch_size, options.num_class_images - index)
             rendered = context.render(options.class_prompt, context.seed + index, context.resolution,
                                       options.class_generation_steps, CLASS_IMAGE_GUIDANCE, count)
             for image in rendered:

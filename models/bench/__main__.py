@@ -9,9 +9,10 @@ Rows: server (server vs bare pipe()), per-request (seed 000's pipeline per reque
 (1/4/16 clients, with micro-batching when the server has it), lora (switching and resident memory over 300 requests),
 models (switching between two cached bases), cold-start, fast-path (OpenVINO UNet vs eager), torch-options
 (channels_last, one thread, torch.compile vs eager; not in the default set), training (steps/s and peak memory
-with and without latent caching and gradient checkpointing), profile (py-spy samples of the server answering
-requests; needs py-spy on PATH or --py-spy; not in the default set), replicas (Ray Serve with 2 engine replicas vs 1;
-needs the ray extra; not in the default set).
+with and without latent caching and gradient checkpointing; with --diffusers-script PATH, diffusers' own
+train_text_to_image_lora.py beside them), profile (py-spy samples of the server answering requests; needs py-spy on
+PATH or --py-spy; not in the default set), replicas (Ray Serve with 2 engine replicas vs 1; needs the ray extra; not
+in the default set).
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-steps", type=int, default=None)
     parser.add_argument("--train-resolution", type=int, default=None)
     parser.add_argument("--train-batch", type=int, default=4)
+    parser.add_argument("--diffusers-script", type=Path, default=None,
+                        help="a copy of diffusers' examples/text_to_image/train_text_to_image_lora.py, run beside the "
+                             "training rows on the same data and settings (needs torchvision and datasets)")
     parser.add_argument("--py-spy", help="the py-spy executable for the profile row (default: py-spy on PATH)")
     parser.add_argument("--profile-requests", type=int, default=10)
     return parser.parse_args(argv)
@@ -114,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                 logger.info("row %s", name)
                 row_started = time.perf_counter()
                 if name == "training":
-                    training += _training(context, arguments)
+                    results, not_run = _training(context, arguments)
+                    training += results
+                    skipped += not_run
                 elif name == "profile":
                     py_spy = profiling.find_py_spy(arguments.py_spy)
                     if py_spy is None:
@@ -134,15 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _training(context: rows.Context, arguments: argparse.Namespace) -> list[training_rows.TrainingResult]:
+def _training(context: rows.Context, arguments: argparse.Namespace
+              ) -> tuple[list[training_rows.TrainingResult], list[Skipped]]:
     models = arguments.train_models or ["demo"]
     steps = arguments.train_steps or (2 if arguments.tiny else 8)
     resolution = arguments.train_resolution or (64 if arguments.tiny else 128)
-    results = training_rows.training(context, models, steps, resolution, arguments.train_batch)
+    results, skipped = training_rows.training(context, models, steps, resolution, arguments.train_batch,
+                                              arguments.diffusers_script)
     failed = [result for result in results if result.returncode != 0]
     if failed:
         raise RuntimeError(f"training failed for {[r.variant for r in failed]}; see {context.logs}")
-    return results
+    return results, skipped
 
 
 def _load() -> str:

@@ -1,10 +1,18 @@
 """Training speed and memory: the LoRA script run for a few steps with and without latent caching and gradient
-checkpointing, each run its own process (peak resident memory is that process's, from wait4)."""
+checkpointing, each run its own process (peak resident memory is that process's, from wait4).
+
+Beside them, when the bench is given the path of a copy of diffusers' official
+`examples/text_to_image/train_text_to_image_lora.py` (`--diffusers-script`), that script on the same base folder,
+data and settings (rank 4, same resolution, batch, steps, seed, learning rate, no checkpoints). The project does
+not ship diffusers' script; its steps/s is read from its tqdm bar (the last rate shown). When no path is given, or
+the script cannot run here (it imports torchvision and datasets), the row is reported as not run, with the reason.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -17,6 +25,7 @@ from PIL import Image, ImageDraw
 
 from models.bench.processes import ROOT, _child_env
 from models.bench.rows import Context
+from models.bench.stats import Skipped
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 70, 220), "yellow": (230, 200, 30)}
 VARIANTS = {
@@ -58,13 +67,50 @@ def shapes_dataset(folder: Path) -> Path:
     return folder
 
 
-def training(ctx: Context, models: list[str], steps: int, resolution: int, batch: int) -> list[TrainingResult]:
+DIFFUSERS_VARIANT = "diffusers train_text_to_image_lora.py"
+LEARNING_RATE = "1e-4"
+RANK = "4"
+_TQDM_RATE = re.compile(r"(\d+(?:\.\d+)?)(it/s|s/it)")
+
+
+def training(ctx: Context, models: list[str], steps: int, resolution: int, batch: int,
+             diffusers_script: Path | None = None) -> tuple[list[TrainingResult], list[Skipped]]:
+    """The project's variants for each model, and diffusers' script beside them (or why it was not run)."""
     dataset = shapes_dataset(ctx.config.work / "shapes")
-    results = []
+    results, skipped = [], []
     for model in models:
         for variant, flags in VARIANTS.items():
             results.append(_run(ctx, model, variant, flags, dataset, steps, resolution, batch))
-    return results
+        outcome = _run_diffusers(ctx, model, diffusers_script, dataset, steps, resolution, batch)
+        (skipped if isinstance(outcome, Skipped) else results).append(outcome)
+    return results, skipped
+
+
+def _run_diffusers(ctx: Context, model: str, script: Path | None, dataset: Path, steps: int, resolution: int,
+                   batch: int) -> TrainingResult | Skipped:
+    row = f"training {model}: {DIFFUSERS_VARIANT}"
+    if script is None:
+        return Skipped(row, "no --diffusers-script given: pass the path of a copy of diffusers' "
+                            "examples/text_to_image/train_text_to_image_lora.py (needs torchvision and datasets)")
+    if not script.is_file():
+        return Skipped(row, f"--diffusers-script {script} is not a file")
+    output = ctx.config.work / "training" / f"{model}-diffusers"
+    command = [sys.executable, str(script), "--pretrained_model_name_or_path", str(ctx.folder(model)),
+               "--train_data_dir", str(dataset), "--output_dir", str(output), "--max_train_steps", str(steps),
+               "--resolution", str(resolution), "--train_batch_size", str(batch), "--rank", RANK,
+               "--learning_rate", LEARNING_RATE, "--checkpointing_steps", "100000", "--seed", "7",
+               "--dataloader_num_workers", "0", "--center_crop"]
+    log = ctx.logs / f"train-{model}-diffusers.log"
+    result = _measure(command, _child_env(ctx.server_env()), log)
+    returncode, wall, peak_mb, _ = result
+    text = log.read_text(encoding="utf-8", errors="replace")
+    if returncode != 0:
+        last = [line.strip() for line in text.splitlines() if line.strip()][-1:] or ["no output"]
+        return Skipped(row, f"{script} exited with {returncode}: {last[0][:300]} (log {log})")
+    rates = [float(value) if unit == "it/s" else 1 / float(value) for value, unit in _TQDM_RATE.findall(text)
+             if float(value) > 0]
+    return TrainingResult(model, DIFFUSERS_VARIANT, resolution, batch, steps, rates[-1] if rates else float("nan"),
+                          wall, peak_mb, returncode)
 
 
 def _run(ctx: Context, model: str, variant: str, flags: list[str], dataset: Path, steps: int, resolution: int,
@@ -73,9 +119,20 @@ def _run(ctx: Context, model: str, variant: str, flags: list[str], dataset: Path
     command = [sys.executable, "-m", "training.train_lora", "--base", model, "--dataset", str(dataset),
                "--output-dir", str(output), "--max-train-steps", str(steps), "--resolution", str(resolution),
                "--train-batch-size", str(batch), "--logging-steps", "1", "--checkpointing-steps", "100000",
-               "--seed", "7", *flags]
-    env = _child_env(ctx.server_env())
+               "--seed", "7",
+               # Square center crops, as diffusers' script with --center_crop: the same pixels on both sides.
+               "--no-aspect-ratio-buckets", *flags]
     log = ctx.logs / f"train-{model}-{variant.replace(' ', '-')}.log"
+    returncode, wall, peak_mb, lines = _measure(command, _child_env(ctx.server_env()), log)
+    speeds = [event["steps_per_s"] for event in _events(lines) if event.get("event") == "step"]
+    return TrainingResult(model, variant, resolution, batch, steps,
+                          statistics.median(speeds[1:] or speeds) if speeds else float("nan"), wall, peak_mb,
+                          returncode)
+
+
+def _measure(command: list[str], env: dict[str, str], log: Path) -> tuple[int, float, float, list[str]]:
+    """Run one training process: its exit status, wall seconds, peak resident MB and stdout lines (stderr to
+    `log`)."""
     started = time.perf_counter()
     with log.open("wb") as stderr:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr)
@@ -84,11 +141,7 @@ def _run(ctx: Context, model: str, variant: str, flags: list[str], dataset: Path
         # wait4 rather than wait: it returns this child's own resource usage, peak resident memory included.
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - started
-    speeds = [event["steps_per_s"] for event in _events(lines) if event.get("event") == "step"]
-    return TrainingResult(model, variant, resolution, batch, steps,
-                          statistics.median(speeds[1:] or speeds) if speeds else float("nan"), wall,
-                          usage.ru_maxrss / 1024, process.returncode)
+    return process.returncode, time.perf_counter() - started, usage.ru_maxrss / 1024, lines
 
 
 def _events(lines: list[str]) -> list[dict[str, Any]]:
