@@ -32,7 +32,7 @@ _NORM_CONSTANT = 100.0  # large constant channel that makes GroupNorm nearly lin
 _SILU_SHIFT = 12.0  # SiLU(x + shift) - shift is almost x
 
 
-def _byte_level_vocab() -> dict[str, int]:
+def byte_level_vocab() -> dict[str, int]:
     """CLIP's byte-to-unicode table: every byte gets a printable character, so any text tokenizes."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
@@ -50,7 +50,7 @@ def _byte_level_vocab() -> dict[str, int]:
 
 def _write_tokenizer(folder: Path) -> CLIPTokenizer:
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = _byte_level_vocab()
+    vocab = byte_level_vocab()
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     # No merges: every word splits into byte-level characters, which is all a random text encoder needs.
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
@@ -144,30 +144,36 @@ def _read_channels(conv: torch.nn.Conv2d, outputs: int, tap: int, extra_bias: fl
         conv.bias[outputs:] = extra_bias
 
 
-def _pass_through_vae() -> AutoencoderKL:
+def pass_through_vae(blocks: int = 4, average: bool = False, mid_attention: bool = True) -> AutoencoderKL:
+    """The pass-through autoencoder, downsampling 2**(blocks - 1) times: each latent pixel is the top-left pixel
+    of its block, or with `average` the mean of the block (a smooth thumbnail rather than an aliased one)."""
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(_VAE_CHANNELS,) * 4,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=(_VAE_CHANNELS,) * blocks,
         layers_per_block=1,
         norm_num_groups=_VAE_GROUPS,
         sample_size=256,
         scaling_factor=1.0,
         force_upcast=False,
+        mid_block_add_attention=mid_attention,
     )
     encoder, decoder = vae.encoder, vae.decoder
     _silence_residual_branches(vae)
     _carry_channels(encoder.conv_in, sources=3, tap=1)
     for block in encoder.down_blocks:
         for down in block.downsamplers or []:
-            # Downsample2D pads right/bottom then convolves with stride 2: the top-left tap reads pixel 2i.
+            # Downsample2D pads right/bottom then convolves with stride 2: the top-left tap reads pixel 2i, and
+            # the four top-left taps read the 2x2 block starting there.
             pairs = [(c, c) for c in range(_VAE_CHANNELS)]
             _copy_center(down.conv, pairs, 0, 0)
             with torch.no_grad():
                 down.conv.bias.zero_()
+                if average:
+                    down.conv.weight[:, :, :2, :2] = down.conv.weight[:, :, :1, :1] / 4
     _pass_through_norm(encoder.conv_norm_out)
     # conv_out gives mean (4 channels) then log-variance (4): a very negative log-variance makes sampling exact.
     _read_channels(encoder.conv_out, outputs=3, tap=1)
@@ -192,7 +198,7 @@ def build_demo_pipeline() -> StableDiffusionPipeline:
         tokenizer = _write_tokenizer(Path(scratch))
     text_encoder = _tiny_text_encoder(len(tokenizer))
     unet = _tiny_unet()
-    vae = _pass_through_vae()
+    vae = pass_through_vae()
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1,
