@@ -22,7 +22,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from models.errors import InvalidRequest
+from models.registry import Registry
+from training.base_model import BaseChoice
 from training.config import TrainingOptions
+from training.registration import register_weights
 
 logger = logging.getLogger(__name__)
 
@@ -140,3 +143,37 @@ def describe_options(options: TrainingOptions) -> dict[str, str]:
             options.text_encoder_target_modules if options.train_text_encoder else []
         ),
     }
+
+
+class LoraWeights:
+    """LoRA layers on the frozen UNet (and text encoder) as the trained weights of a run: what the loop asks of
+    them is the same as of `training.full_model.FullWeights`."""
+
+    result_name = WEIGHTS_NAME
+
+    def __init__(self, options: TrainingOptions, pipeline: StableDiffusionPipeline):
+        self.options = options
+        self.unet = pipeline.unet
+        self.text_encoder = pipeline.text_encoder if options.train_text_encoder else None
+        self.trained: dict[str, torch.nn.Module] = {"unet": self.unet}
+        if self.text_encoder is not None:
+            self.trained["text_encoder"] = self.text_encoder
+
+    def attach(self) -> None:
+        add_lora_layers(self.unet, self.text_encoder, self.options)
+
+    def save_checkpoint(self, folder: Path) -> None:
+        save_lora_weights(folder, self.unet, self.text_encoder)
+
+    def load_checkpoint(self, folder: Path) -> None:
+        load_lora_weights_into(folder, self.unet, self.text_encoder)
+
+    def describe(self) -> dict[str, str]:
+        return describe_options(self.options)
+
+    def save_result(self, folder: Path, metadata: dict[str, str]) -> Path:
+        return save_lora_weights(folder, self.unet, self.text_encoder, metadata)
+
+    def register(self, registry: Registry, base: BaseChoice, weights: Path, run_id: str,
+                 trigger_words: list[str]) -> None:
+        register_weights(self.options, base, registry, weights, run_id, trigger_words)
