@@ -3,7 +3,8 @@
 A diffusers folder holds a weights file per component, their configs and the tokenizer's files. A model small
 enough to keep in the repository is kept as one file instead: the tensors of every component under its name
 (`unet.*`, `text_encoder.*`, `vae.*`), and in the safetensors metadata one JSON document (`sdserve.pipeline`)
-with each component's class and config, the scheduler's config and the tokenizer's vocabulary and merges. Nothing
+with each component's class and config, the scheduler's config, the tokenizer's vocabulary and merges, and what
+made the weights (`metadata`: the training options, seed, data). Nothing
 in the file can run code (safetensors holds tensors and strings); the classes named in it must be among the few
 this module knows.
 
@@ -66,15 +67,17 @@ def pack_pipeline(pipeline: StableDiffusionPipeline, path: Path, metadata: dict[
     vocab, merges = _bpe_tables(pipeline.tokenizer)
     description["components"]["tokenizer"] = {"class": "CLIPTokenizer", "vocab": vocab, "merges": merges,
                                               "model_max_length": pipeline.tokenizer.model_max_length}
-    header = {PIPELINE_KEY: json.dumps(description, sort_keys=True)}
-    header |= {f"sdserve.{key}": str(value) for key, value in sorted((metadata or {}).items())}
+    description["metadata"] = {key: str(value) for key, value in (metadata or {}).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
+    # One metadata entry: safetensors writes its metadata map in no fixed order, so several entries would make
+    # two writes of the same model differ.
+    header = {PIPELINE_KEY: json.dumps(description, sort_keys=True)}
     save_file(dict(sorted(tensors.items())), str(path), metadata=header)
     return path
 
 
 def read_description(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """The pipeline description and the other `sdserve.*` metadata (without the prefix) of a packed file."""
+    """The pipeline description and the metadata stored with it (what trained it) of a packed file."""
     with safe_open(str(path), framework="pt") as stream:
         header = stream.metadata() or {}
     if PIPELINE_KEY not in header:
@@ -83,9 +86,7 @@ def read_description(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     if description.get("format") != FORMAT:
         raise PackedFileError(f"{path} is a packed pipeline of format {description.get('format')!r}; "
                               f"this version reads {FORMAT!r}")
-    extra = {key.removeprefix("sdserve."): value for key, value in header.items()
-             if key.startswith("sdserve.") and key != PIPELINE_KEY}
-    return description, extra
+    return description, description.get("metadata", {})
 
 
 def unpack_pipeline(path: Path) -> StableDiffusionPipeline:

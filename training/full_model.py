@@ -128,7 +128,7 @@ def build_manifest(packed: Path, options: TextToImageOptions, metadata: dict[str
         "file": packed.name,
         "sha256": file_sha256(packed),
         "bytes": packed.stat().st_size,
-        "command": " ".join(shlex.quote(part) for part in [Path(sys.executable).name, *sys.argv]),
+        "command": command_line(),
         "options": options.model_dump(mode="json", exclude_defaults=True, by_alias=False),
         "seed": metadata.get("seed"),
         "metadata": metadata,
@@ -137,6 +137,17 @@ def build_manifest(packed: Path, options: TextToImageOptions, metadata: dict[str
         "machine": {"platform": platform.platform(), "processor": _processor(), "torch_threads":
                     torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
     }
+
+
+def command_line() -> str:
+    """This process's command as someone in the project folder would type it (thread count included: it changes
+    the arithmetic's order, so the last bits of the weights)."""
+    script = Path(sys.argv[0]).resolve()
+    root = Path(__file__).resolve().parent.parent
+    shown = str(script.relative_to(root)) if script.is_relative_to(root) else sys.argv[0]
+    threads = os.environ.get("OMP_NUM_THREADS")
+    prefix = [f"OMP_NUM_THREADS={threads}"] if threads else []
+    return " ".join([*prefix, "python", *(shlex.quote(part) for part in [shown, *sys.argv[1:]])])
 
 
 def _version(name: str) -> str | None:

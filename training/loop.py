@@ -207,6 +207,8 @@ class _Run:
         if options.prediction_type:
             # Validation images must sample with the target the LoRA learns.
             self.model.scheduler_config = {**self.model.scheduler_config, "prediction_type": options.prediction_type}
+            # And a fully trained model is saved with the target it learnt.
+            self.pipeline.scheduler = type(self.pipeline.scheduler).from_config(self.model.scheduler_config)
         self.noise_scheduler = DDPMScheduler.from_config(self.model.scheduler_config)
         self.progress.event("start", run_id=self.run_id, kind=options.kind, base=self.base.label, seed=self.seed,
                             output_dir=str(self.output_dir), processes=self.accelerator.num_processes,

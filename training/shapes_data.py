@@ -38,15 +38,17 @@ logger = logging.getLogger(__name__)
 GENERATOR_VERSION = 1
 SUPERSAMPLE = 4
 # Radius of the shape (half its width) as a share of the picture's width, before a +-8% jitter.
-RADIUS = {"small": 0.16, "large": 0.34}
+RADIUS = {"small": 0.19, "large": 0.36}
 # Centres of small shapes as shares of the width and height; large shapes are always centred.
-CENTRES = {"center": (0.5, 0.5), "top left": (0.27, 0.27), "top right": (0.73, 0.27),
-           "bottom left": (0.27, 0.73), "bottom right": (0.73, 0.73)}
+CENTRES = {"center": (0.5, 0.5), "top left": (0.28, 0.28), "top right": (0.72, 0.28),
+           "bottom left": (0.28, 0.72), "bottom right": (0.72, 0.72)}
 JITTER = 0.03  # centre jitter, share of the width
 TRIANGLE_SCALE = 1.15  # a triangle's circumradius, so that it looks as big as a circle of the same size
-STAR_INNER = 0.45  # inner radius of the five-pointed star, share of the outer one
-# How often a caption names each optional part (the rest of the time the picture still has one, unnamed).
-NAME_SIZE, NAME_POSITION, NAME_BACKGROUND = 0.5, 0.5, 0.85
+STAR_INNER = 0.5  # inner radius of the five-pointed star, share of the outer one (thick points survive 4x averaging)
+# How often a caption names each optional part. The grammar makes the short prompt mean one picture: a shape
+# whose size is not named is large and centred ("large" and "in the center" are sometimes said anyway), a small
+# one is always called small and usually placed; a background not named is any other colour.
+NAME_LARGE, NAME_CENTRE_OF_LARGE, NAME_PLACE_OF_SMALL, NAME_BACKGROUND = 0.3, 0.2, 0.85, 0.9
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,12 @@ def sample_spec(seed: int, index: int, colours: dict[str, tuple[int, int, int]] 
     x, y = CENTRES[position]
     centre = (x + rng.uniform(-JITTER, JITTER), y + rng.uniform(-JITTER, JITTER))
     radius = RADIUS[size] * rng.uniform(0.92, 1.08)
-    named_size = size if rng.random() < NAME_SIZE else None
-    named_position = position if rng.random() < NAME_POSITION else None
+    if size == "large":
+        named_size = size if rng.random() < NAME_LARGE else None
+        named_position = position if rng.random() < NAME_CENTRE_OF_LARGE else None
+    else:
+        named_size = size
+        named_position = position if rng.random() < NAME_PLACE_OF_SMALL else None
     named_background = background if rng.random() < NAME_BACKGROUND else None
     text = caption(shape, colour, named_background, named_size, named_position)
     return ShapeSpec(shape, colour, background, size, position, centre, radius, text)
