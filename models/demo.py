@@ -23,6 +23,8 @@ from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, StableDiffu
 from filelock import FileLock
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from models import shapes
+
 logger = logging.getLogger(__name__)
 
 BUILD_VERSION = 1  # bump when a builder changes, so stale caches are rebuilt
@@ -263,7 +265,11 @@ def _tiny_unet_from_demo() -> UNet2DConditionModel:
 BUILDERS: dict[str, Callable[[], StableDiffusionPipeline]] = {
     "tiny": build_demo_pipeline,
     "sd15": build_sd15_preset,
+    "shapes": shapes.build_shapes_pipeline,  # trained, from its committed weights file (models/shapes.py)
 }
+# Builtins whose content can change without a BUILD_VERSION bump (a retrained weights file) add a tag to their
+# cache folder's name, so a new file never meets an old build.
+CACHE_TAGS: dict[str, Callable[[], str]] = {"shapes": shapes.cache_tag}
 # Builtin ControlNets: single models (config.json + weights), loaded with ControlNetModel.from_pretrained.
 CONTROLNET_BUILDERS: dict[str, Callable[[], ControlNetModel]] = {
     "controlnet-tiny": build_demo_controlnet,
@@ -287,7 +293,8 @@ def ensure_builtin(name: str, cache_dir: Path) -> Path:
         builder, marker = CONTROLNET_BUILDERS[name], "config.json"
     else:
         raise KeyError(name)
-    target = cache_dir / "builtin" / f"{name}-v{BUILD_VERSION}"
+    tag = CACHE_TAGS[name]() if name in CACHE_TAGS else ""
+    target = cache_dir / "builtin" / f"{name}-v{BUILD_VERSION}{tag}"
     if (target / marker).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

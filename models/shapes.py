@@ -7,22 +7,21 @@ procedurally drawn pictures of one coloured shape on a coloured background (`tra
 reproduce it). The vocabulary lives here, not in `training/`, because the server, the tests and the README need it
 too and `models/` never imports `training/`.
 
-Prompts it understands: "a [small|large] COLOUR SHAPE [in the center|in the top left|...] [on a COLOUR background]",
-e.g. "a red circle on a blue background". Anything else it has never seen.
+Prompts it understands: "a|an [small|large] COLOUR SHAPE [in the center|in the top left|...] [on a|an COLOUR
+background]", e.g. "a red circle on a blue background" (no size: large and centred). Anything else it never saw.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from pathlib import Path
+from typing import Any
 
 from diffusers import StableDiffusionPipeline
 
 from models import packed
-
-logger = logging.getLogger(__name__)
+from models.errors import ModelUnavailable
 
 # name -> RGB as drawn. Well apart from each other, so the colour of a picture can be told by the nearest name.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -72,16 +71,29 @@ def caption(shape: str, colour: str, background: str | None = None, size: str | 
     return " ".join(words)
 
 
+def manifest() -> dict[str, Any]:
+    try:
+        return json.loads(MANIFEST_FILE.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ModelUnavailable(f"the shapes model's manifest {MANIFEST_FILE} cannot be read: {error}") from error
+
+
 def cache_tag() -> str:
     """Part of the cache folder's name: a retrained weights file (a new sha256 in the manifest) builds anew."""
-    return "-" + json.loads(MANIFEST_FILE.read_text(encoding="utf-8"))["sha256"][:12]
+    return "-" + manifest()["sha256"][:12]
 
 
 def build_shapes_pipeline() -> StableDiffusionPipeline:
     """The trained model from its committed file, checked against the manifest's sha256 first."""
-    manifest = json.loads(MANIFEST_FILE.read_text(encoding="utf-8"))
-    digest = hashlib.sha256(WEIGHTS_FILE.read_bytes()).hexdigest()
-    if digest != manifest["sha256"]:
-        # A Git LFS pointer, a truncated checkout or a retrained file without its manifest.
-        raise ValueError(f"{WEIGHTS_FILE} has sha256 {digest}, but {MANIFEST_FILE.name} says {manifest['sha256']}")
+    expected = manifest()["sha256"]
+    try:
+        digest = hashlib.sha256(WEIGHTS_FILE.read_bytes()).hexdigest()
+    except OSError as error:
+        raise ModelUnavailable(f"the shapes model's weights {WEIGHTS_FILE} cannot be read: {error}") from error
+    if digest != expected:
+        # A Git LFS pointer, a truncated checkout, or a retrained file copied without its manifest.
+        raise ModelUnavailable(
+            f"{WEIGHTS_FILE} has sha256 {digest}, but {MANIFEST_FILE.name} says {expected}: copy the weights file "
+            "and its manifest from the same training run (README, 'How it is made')"
+        )
     return packed.unpack_pipeline(WEIGHTS_FILE)
