@@ -54,15 +54,23 @@ def load_image(
     return pixels / 127.5 - 1.0, time_ids
 
 
+def drops_caption(seed: int, epoch: int, index: int, share: float) -> bool:
+    """Whether example `index` trains with the empty prompt this epoch (classifier-free guidance learns from those);
+    a function of (seed, epoch, index) only, so a resumed run drops the same captions."""
+    return share > 0 and random.Random(f"drop:{seed}:{epoch}:{index}").random() < share
+
+
 class ImageCaptionDataset(Dataset):
     """Examples as tensors: pixels, or VAE latents once `cache_latents` has run."""
 
-    def __init__(self, examples: Sequence[Example], resolution: int, crop: str, random_flip: bool, seed: int):
+    def __init__(self, examples: Sequence[Example], resolution: int, crop: str, random_flip: bool, seed: int,
+                 caption_dropout: float = 0.0):
         self.examples = list(examples)
         self.resolution = resolution
         self.crop = crop
         self.random_flip = random_flip
         self.seed = seed
+        self.caption_dropout = caption_dropout
         self.epoch = 0
         # Per example: [as is, mirrored], each (latents, time ids).
         self._latents: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None
@@ -76,7 +84,8 @@ class ImageCaptionDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         example = self.examples[index]
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}:{int(example.prior)}")
-        item: dict[str, Any] = {"prompt": example.caption, "prior": example.prior}
+        dropped = drops_caption(self.seed, self.epoch, index, self.caption_dropout)
+        item: dict[str, Any] = {"prompt": "" if dropped else example.caption, "prior": example.prior}
         if self._latents is not None:
             variants = self._latents[index]
             item["latents"], item["time_ids"] = variants[1] if self.random_flip and rng.random() < 0.5 else variants[0]
