@@ -132,8 +132,8 @@ def test_a_damaged_weights_file_is_a_clear_503_not_a_crash(settings, monkeypatch
 # Shares of held-out cases the committed model gets right, measured with the requests below (PASS_SHARE is a little
 # under each measured share, so a model that got worse fails; see the README, "The default model").
 # Measured on these 48 cases with shapes-v1 (2026-11-25): background 0.94, colour 0.98, shape 0.35 (chance: 0.25;
-# over 160 other held-out cases 0.98, 0.99, 0.53); the LoRA test's pink share: see that test.
-PASS_SHARE = {"background": 0.85, "colour": 0.9, "shape": 0.3, "lora": 0.5}
+# over 160 other held-out cases 0.98, 0.99, 0.53); the LoRA test's pink share: 0.5 with the LoRA, 0 without.
+PASS_SHARE = {"background": 0.85, "colour": 0.9, "shape": 0.3, "lora": 0.4}
 CASES = 48
 
 
