@@ -27,7 +27,7 @@ class Settings(BaseSettings):
         "auto", description="auto: float16 on CUDA and MPS, float32 on CPU."
     )
     prefer_bf16: bool = Field(False, description="With dtype auto on CUDA, bfloat16 instead of float16.")
-    default_model: str = Field("demo", description="Model used when a request names none; loaded at start-up.")
+    default_model: str = Field("shapes", description="Model used when a request names none; loaded at start-up.")
     preload_default_model: bool = True
     allow_downloads: bool = Field(
         False, description="Let from_pretrained fetch missing weights from the Hugging Face Hub."

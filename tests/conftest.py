@@ -89,6 +89,7 @@ def settings(tmp_path: Path, model_cache: Path) -> Settings:
         output_dir=tmp_path / "outputs",
         data_dir=tmp_path / "data",
         device="cpu",
+        default_model="demo",  # the random demo: the fastest model, for tests that need any model at all
     )
 
 
@@ -116,6 +117,7 @@ def server_env(tmp_path: Path, model_cache: Path, **extra: str) -> dict[str, str
         SDSERVE_OUTPUT_DIR=str(tmp_path / "outputs"),
         SDSERVE_DATA_DIR=str(tmp_path / "data"),
         SDSERVE_DEVICE="cpu",
+        SDSERVE_DEFAULT_MODEL="demo",
         PYTHONPATH=str(ROOT),
     )
     env.update(extra)

@@ -37,7 +37,7 @@ IMAGE = gradient_image(64, 64)
 
 def family_settings(folder: Path, model_cache: Path, **overrides: object) -> Settings:
     return Settings(registry_path=folder / "registry.yaml", cache_dir=model_cache, output_dir=folder / "outputs",
-                    data_dir=folder / "data", device="cpu", max_loaded_models=4, preview_every=1,
+                    data_dir=folder / "data", device="cpu", max_loaded_models=4, preview_every=1, default_model="demo",
                     **overrides)  # type: ignore[arg-type]
 
 

@@ -42,7 +42,7 @@ REAL_ENGINE_SKIPS = r"^/(train|jobs/\{job_id\}/events|load-controlnet|loras|load
 def fuzz_settings(folder: Path, model_cache: Path | None = None) -> Settings:
     return Settings(
         registry_path=folder / "registry.yaml", output_dir=folder / "outputs", data_dir=folder / "data",
-        datasets_dir=folder / "datasets", cache_dir=model_cache or folder / "cache", device="cpu",
+        datasets_dir=folder / "datasets", cache_dir=model_cache or folder / "cache", device="cpu", default_model="demo",
         max_width=128, max_height=128, max_steps=3, max_images=2, queue_size=64, save_images=False,
         max_body_bytes=2 * 2**20, max_input_pixels=256 * 256, preload_default_model=model_cache is not None,
     )

@@ -168,7 +168,7 @@ def test_server_runs_a_registry_entry_on_openvino(first_load, ov_cache, tmp_path
         encoding="utf-8",
     )
     settings = Settings(registry_path=registry, cache_dir=ov_cache, output_dir=tmp_path / "outputs",
-                        data_dir=tmp_path / "data", device="cpu")
+                        data_dir=tmp_path / "data", device="cpu", default_model="demo")
     body = {"prompt": "a red circle", "seed": 3, "steps": 3, "width": 128, "height": 128}
     with TestClient(create_app(settings)) as client:
         wait_ready(client)

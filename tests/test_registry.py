@@ -72,6 +72,7 @@ def test_edit_on_disk_is_seen_and_a_broken_edit_keeps_the_old_entries(tmp_path: 
 def test_adapters_are_not_bases(tmp_path: Path):
     registry = Registry(tmp_path / "registry.yaml")
     registry.register("style", RegistryEntry(kind="lora", source="/x"))
-    bases = "demo, flux-tiny, sd15-random, sd3-medium-random, sd3-tiny, sdxl-random, sdxl-refiner-tiny, sdxl-tiny"
+    bases = ("demo, flux-tiny, sd15-random, sd3-medium-random, sd3-tiny, sdxl-random, sdxl-refiner-tiny, sdxl-tiny, "
+             "shapes")
     with pytest.raises(ModelNotFound, match=f"registered models: {bases}"):
         registry.get("style", kinds=("base", "dreambooth"))

@@ -24,7 +24,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from models.errors import InvalidRequest
+from models.registry import Registry
+from training.base_model import BaseChoice
 from training.config import TrainingOptions
+from training.registration import register_weights
 
 logger = logging.getLogger(__name__)
 
@@ -145,3 +148,38 @@ def describe_options(options: TrainingOptions) -> dict[str, str]:
             options.text_encoder_target_modules if options.train_text_encoder else []
         ),
     }
+
+
+class LoraWeights:
+    """LoRA layers on the frozen UNet (and text encoders) as the trained weights of a run: what the loop asks of
+    them is the same as of `training.full_model.FullWeights`."""
+
+    result_name = WEIGHTS_NAME
+
+    def __init__(self, options: TrainingOptions, unet: torch.nn.Module, text_encoders: TextEncoders,
+                 two_text_encoders: bool):
+        self.options = options
+        self.unet = unet
+        self.text_encoders = dict(text_encoders) if options.train_text_encoder else {}
+        self.two_text_encoders = two_text_encoders
+        self.trained: dict[str, torch.nn.Module] = {"unet": unet, **self.text_encoders}
+
+    def attach(self) -> None:
+        add_lora_layers(self.unet, self.text_encoders, self.options)
+
+    def save_checkpoint(self, folder: Path) -> None:
+        save_lora_weights(folder, self.unet, self.text_encoders, two_text_encoders=self.two_text_encoders)
+
+    def load_checkpoint(self, folder: Path) -> None:
+        load_lora_weights_into(folder, self.unet, self.text_encoders)
+
+    def describe(self) -> dict[str, str]:
+        return describe_options(self.options)
+
+    def save_result(self, folder: Path, metadata: dict[str, str]) -> Path:
+        return save_lora_weights(folder, self.unet, self.text_encoders, metadata,
+                                 two_text_encoders=self.two_text_encoders)
+
+    def register(self, registry: Registry, base: BaseChoice, weights: Path, run_id: str,
+                 trigger_words: list[str]) -> None:
+        register_weights(self.options, base, registry, weights, run_id, trigger_words)

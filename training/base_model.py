@@ -20,12 +20,15 @@ from PIL import Image
 
 from models.engine.device import DeviceConfig
 from models.engine.generate import generate
+from models.engine.loras import LoraAdapters, LoraResolver
 from models.engine.pipelines import LoadedModel, PipelineCache
 from models.errors import InvalidRequest, ModelNotFound
-from models.families import FAMILIES
+from models.families import FAMILIES, family_named
 from models.registry import BASE_KINDS, Registry, RegistryEntry
 from models.settings import Settings
+from models.shapes import NATIVE_SIZE
 from models.types import GenerationRequest
+from training.shapes_model import build_untrained_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +82,22 @@ def load_base(choice: BaseChoice, settings: Settings, device: torch.device) -> t
                              f"{trainable} bases")
     pipeline, model = cache.get(name, "text2img")
     return pipeline, model
+
+
+def scratch_base(
+    architecture: str, seed: int, device: torch.device, settings: Settings, registry: Registry
+) -> tuple[BaseChoice, DiffusionPipeline, LoadedModel]:
+    """New random weights of a named architecture (training/shapes_model.py), as a base the loop trains."""
+    source = f"scratch:{architecture}"
+    pipeline = build_untrained_pipeline(architecture, seed).to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    entry = RegistryEntry(kind="base", source=source)
+    # A loaded scheduler's config names its class; a new one's does not until saved, and the engine needs it.
+    scheduler_config = {**pipeline.scheduler.config, "_class_name": type(pipeline.scheduler).__name__}
+    model = LoadedModel(name=source, entry=entry, pipelines={"text2img": pipeline}, scheduler_config=scheduler_config,
+                        weight_bytes=0, load_seconds=0.0, family=family_named("sd"), native_size=NATIVE_SIZE,
+                        loras=LoraAdapters(source, pipeline, LoraResolver(settings, registry), settings.max_loras))
+    return BaseChoice(requested=source, name=None, entry=entry), pipeline, model
 
 
 def weights_sha256(*modules: torch.nn.Module) -> str:

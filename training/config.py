@@ -51,8 +51,9 @@ class OptionsError(ValueError):
     """A config file or flag that cannot be read; the message names the key or flag."""
 
 
-class TrainingOptions(BaseModel):
-    """What both scripts share: the base, LoRA shape, optimisation, checkpoints, validation, registration."""
+class RunOptions(BaseModel):
+    """What every training script shares: the base, data handling, optimisation, checkpoints, validation,
+    registration."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     kind: ClassVar[str] = "lora"
@@ -67,23 +68,6 @@ class TrainingOptions(BaseModel):
     )
     run_id: str | None = Field(
         None, pattern=NAME_PATTERN, description="Identifier of this run, recorded as created_by; default: generated."
-    )
-    # -- LoRA ---------------------------------------------------------------------------------------------
-    rank: int = Field(4, ge=1, le=1024, description="LoRA rank (dimension of the low-rank update).")
-    lora_alpha: float | None = Field(
-        None, gt=0, description="LoRA alpha; the update is scaled by alpha / rank. Default: equal to the rank."
-    )
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
-    unet_target_modules: list[str] = Field(
-        default_factory=lambda: list(UNET_ATTENTION_MODULES), min_length=1,
-        description="UNet module names (or suffixes) that get LoRA layers.",
-    )
-    train_text_encoder: bool = Field(
-        False, description="Also train LoRA layers on the text encoder (both of SDXL's text encoders)."
-    )
-    text_encoder_target_modules: list[str] = Field(
-        default_factory=lambda: list(TEXT_ENCODER_ATTENTION_MODULES), min_length=1,
-        description="Text encoder modules that get LoRA layers with --train-text-encoder.",
     )
     # -- data ---------------------------------------------------------------------------------------------
     resolution: int | None = Field(
@@ -120,12 +104,15 @@ class TrainingOptions(BaseModel):
     )
     dataloader_num_workers: int = Field(0, ge=0, le=64, description="Worker processes that load images.")
     # -- optimisation ---------------------------------------------------------------------------------------
-    learning_rate: float = Field(1e-4, gt=0, le=1, description="Peak learning rate of the LoRA layers.")
+    learning_rate: float = Field(
+        1e-4, gt=0, le=1,
+        description="Peak learning rate of the LoRA layers (of every trained weight in full training).",
+    )
     scale_lr: bool = Field(
         False, description="Multiply the learning rates by the effective batch (batch x accumulation x processes)."
     )
     text_encoder_learning_rate: float | None = Field(
-        None, gt=0, le=1, description="Learning rate of the text encoder's LoRA layers; default: --learning-rate."
+        None, gt=0, le=1, description="Learning rate of the text encoder's trained weights; default: --learning-rate."
     )
     lr_scheduler: LrScheduler = Field("constant", description="Learning-rate schedule after warmup.")
     lr_warmup_steps: int = Field(0, ge=0, description="Steps of linear warmup from 0 to the learning rate.")
@@ -155,11 +142,12 @@ class TrainingOptions(BaseModel):
         None, gt=0, description="Min-SNR loss weighting with this gamma (5.0 is the paper's choice); off when unset."
     )
     noise_offset: float = Field(0.0, ge=0, le=1, description="Offset noise strength (0.05-0.1 helps very dark/bright).")
-    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
-        None, description="Training target; default: the base scheduler's."
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = Field(
+        None, description="Training target (the noise, v, or the clean latent); default: the base scheduler's."
     )
     seed: int | None = Field(
-        None, ge=0, le=2**32 - 1, description="Seed for LoRA init, shuffling and noise; default: drawn at random."
+        None, ge=0, le=2**32 - 1,
+        description="Seed for new weights (LoRA layers, a model from scratch), shuffling and noise; default: random.",
     )
     # -- checkpoints and progress -------------------------------------------------------------------------------
     checkpointing_steps: int = Field(500, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
@@ -191,7 +179,6 @@ class TrainingOptions(BaseModel):
         description="Add the result to the model registry under this name when done.",
     )
     register_replace: bool = Field(False, description="With --register: overwrite an entry of the same name.")
-    register_scale: float = Field(1.0, ge=-10, le=10, description="Default scale of the registered LoRA.")
     trigger_words: list[str] = Field(
         default_factory=list, description="Words that call up what was learnt; recorded in the weights and registry."
     )
@@ -203,7 +190,7 @@ class TrainingOptions(BaseModel):
         return translate_diffusers_flags(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
-    def _consistent(self) -> TrainingOptions:
+    def _consistent(self) -> RunOptions:
         if self.cache_latents and self.crop == "random":
             raise ValueError("cache_latents encodes each image once, so it cannot be combined with crop=random")
         if self.resume_from_checkpoint == "latest" and self.output_dir is None:
@@ -233,25 +220,100 @@ class TrainingOptions(BaseModel):
             raise ValueError("entries must not be blank")
         return values
 
+
+class TrainingOptions(RunOptions):
+    """What both LoRA scripts share: the options of every run and the LoRA shape."""
+
+    # -- LoRA ---------------------------------------------------------------------------------------------
+    rank: int = Field(4, ge=1, le=1024, description="LoRA rank (dimension of the low-rank update).")
+    lora_alpha: float | None = Field(
+        None, gt=0, description="LoRA alpha; the update is scaled by alpha / rank. Default: equal to the rank."
+    )
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    unet_target_modules: list[str] = Field(
+        default_factory=lambda: list(UNET_ATTENTION_MODULES), min_length=1,
+        description="UNet module names (or suffixes) that get LoRA layers.",
+    )
+    train_text_encoder: bool = Field(
+        False, description="Also train LoRA layers on the text encoder (both of SDXL's text encoders)."
+    )
+    text_encoder_target_modules: list[str] = Field(
+        default_factory=lambda: list(TEXT_ENCODER_ATTENTION_MODULES), min_length=1,
+        description="Text encoder modules that get LoRA layers with --train-text-encoder.",
+    )
+    register_scale: float = Field(1.0, ge=-10, le=10, description="Default scale of the registered LoRA.")
+
     @property
     def alpha(self) -> float:
         return self.lora_alpha if self.lora_alpha is not None else float(self.rank)
 
 
-class LoraOptions(TrainingOptions):
+class CaptionColumns(BaseModel):
+    """How a captioned data set names its images and captions."""
+
+    image_column: str = Field("file_name", min_length=1, description="Image path column of metadata.jsonl / CSV.")
+    caption_column: str = Field("text", min_length=1, description="Caption column of metadata.jsonl / CSV.")
+    caption_extension: str = Field(".txt", pattern=r"^\.[A-Za-z0-9]+$", description="Suffix of caption files.")
+
+
+DATASET_DESCRIPTION = ("A folder with metadata.jsonl (file_name, text) or images with same-name .txt captions, "
+                       "or a .csv file (file_name, text columns; paths relative to the CSV).")
+
+
+class LoraOptions(CaptionColumns, TrainingOptions):
     """Text-to-image LoRA from captioned images."""
 
     kind: ClassVar[str] = "lora"
 
     dataset: Path = Field(
         validation_alias=AliasChoices("dataset", "train_data_dir", "dataset_name"),
-        description="A folder with metadata.jsonl (file_name, text) or images with same-name .txt captions, "
-        "or a .csv file (file_name, text columns; paths relative to the CSV). Through the API: an uploaded "
-        "dataset's name (GET /datasets).",
+        description=DATASET_DESCRIPTION + " Through the API: an uploaded dataset's name (GET /datasets).",
     )
-    image_column: str = Field("file_name", min_length=1, description="Image path column of metadata.jsonl / CSV.")
-    caption_column: str = Field("text", min_length=1, description="Caption column of metadata.jsonl / CSV.")
-    caption_extension: str = Field(".txt", pattern=r"^\.[A-Za-z0-9]+$", description="Suffix of caption files.")
+
+
+class TextToImageOptions(CaptionColumns, RunOptions):
+    """Full text-to-image training: every weight of the UNet and the text encoder (and optionally the VAE decoder),
+    starting from a base or, with --from-scratch, from new random weights of a named architecture."""
+
+    kind: ClassVar[str] = "text_to_image"
+
+    from_scratch: Literal["shapes-tiny"] | None = Field(
+        None, description="Start from new random weights of this architecture (training/shapes_model.py) "
+        "instead of from --base.",
+    )
+    dataset: Path | None = Field(
+        None, validation_alias=AliasChoices("dataset", "train_data_dir", "dataset_name"),
+        description=DATASET_DESCRIPTION + " Or give --shapes-dataset.",
+    )
+    shapes_dataset: int | None = Field(
+        None, ge=1, le=100_000_000,
+        description="Train on this many pictures drawn by training/shapes_data.py from --seed (instead of --dataset).",
+    )
+    caption_dropout: float = Field(
+        0.1, ge=0, lt=1,
+        description="Share of captions replaced by the empty prompt (classifier-free guidance needs it).",
+    )
+    train_text_encoder: bool = Field(True, description="Train the text encoder too.")
+    train_vae_decoder: bool = Field(
+        False, description="Train the VAE decoder too, to redraw the training images from their latents "
+        "(the encoder stays as it is, so the latents the UNet learns do not move).",
+    )
+    vae_decoder_images: int = Field(
+        8, ge=1, le=1024, description="Images of each batch the VAE decoder learns from (all would cost more than "
+        "the UNet at small latent sizes).",
+    )
+
+    @model_validator(mode="after")
+    def _one_start_and_one_dataset(self) -> TextToImageOptions:
+        if self.from_scratch and "base" in self.model_fields_set:
+            raise ValueError("give either from_scratch (new weights) or base (continue from a model), not both")
+        if (self.dataset is None) == (self.shapes_dataset is None):
+            raise ValueError("give exactly one of dataset (captioned images) and shapes_dataset (generated pictures)")
+        if self.from_scratch and not self.train_vae_decoder:
+            raise ValueError(f"{self.from_scratch} starts with an untrained VAE decoder; add train_vae_decoder")
+        if self.shapes_dataset is not None and self.cache_latents:
+            raise ValueError("shapes_dataset draws pictures on the fly, so cache_latents does not apply")
+        return self
 
 
 class DreamBoothOptions(TrainingOptions):
@@ -349,10 +411,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return {str(key).replace("-", "_"): value for key, value in data.items()}
 
 
-OptionsT = TypeVar("OptionsT", bound=TrainingOptions)
+OptionsT = TypeVar("OptionsT", bound=RunOptions)
 
 
-def build_parser(options_class: type[TrainingOptions], description: str) -> argparse.ArgumentParser:
+def build_parser(options_class: type[RunOptions], description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="YAML, TOML or JSON file of options; flags override it.")
     for name, field in options_class.model_fields.items():

@@ -139,16 +139,24 @@ def _covering(original: Size, size: Size) -> Size:
     return max(size[0], round(original[0] * scale)), max(size[1], round(original[1] * scale))
 
 
+def drops_caption(seed: int, epoch: int, index: int, share: float) -> bool:
+    """Whether example `index` trains with the empty prompt this epoch (classifier-free guidance learns from those);
+    a function of (seed, epoch, index) only, so a resumed run drops the same captions."""
+    return share > 0 and random.Random(f"drop:{seed}:{epoch}:{index}").random() < share
+
+
 class ImageCaptionDataset(Dataset):
     """Examples as tensors: pixels, or VAE latents once `cache_latents` has run. Each example is trained at its
     size: the square `resolution` unless `use_sizes` gave it a bucket."""
 
-    def __init__(self, examples: Sequence[Example], resolution: int, crop: str, random_flip: bool, seed: int):
+    def __init__(self, examples: Sequence[Example], resolution: int, crop: str, random_flip: bool, seed: int,
+                 caption_dropout: float = 0.0):
         self.examples = list(examples)
         self.resolution = resolution
         self.crop = crop
         self.random_flip = random_flip
         self.seed = seed
+        self.caption_dropout = caption_dropout
         self.epoch = 0
         self.sizes: list[Size] = [(resolution, resolution)] * len(self.examples)
         # (example, size, mirrored) -> (latents, time ids); a class image of DreamBooth has one entry per bucket.
@@ -172,7 +180,8 @@ class ImageCaptionDataset(Dataset):
     def item(self, index: int, size: Size) -> dict[str, Any]:
         example = self.examples[index]
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}:{int(example.prior)}")
-        item: dict[str, Any] = {"prompt": example.caption, "prior": example.prior}
+        dropped = drops_caption(self.seed, self.epoch, index, self.caption_dropout)
+        item: dict[str, Any] = {"prompt": "" if dropped else example.caption, "prior": example.prior}
         if self._latents is not None:
             mirrored = self.random_flip and rng.random() < 0.5
             item["latents"], item["time_ids"] = self._latents[(index, size, mirrored)]

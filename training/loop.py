@@ -1,19 +1,27 @@
-"""The training loop both scripts run: accelerate, LoRA on a frozen base, checkpoints, exact resume, registration.
+"""The training loop every script runs: accelerate, LoRA on a frozen base or full training, checkpoints, exact
+resume, registration.
 
 A script supplies only its data (`build_data`): LoRA reads captioned images, DreamBooth pairs instance images with
-generated class images. Everything else happens here, in this order:
+generated class images, full text-to-image training reads captioned images or draws shapes. What trains is LoRA
+layers (`adapters.LoraWeights`) or, for full training, the whole UNet and text encoder and optionally the VAE
+decoder (`full_model.FullWeights`). Everything else happens here, in this order:
 
 1. Accelerator, run id and seed (shared by every process; taken from the checkpoint when resuming).
-2. The base, resolved by registry name or path and loaded through the server's pipeline code.
+2. The base, resolved by registry name or path and loaded through the server's pipeline code, or for a model
+   trained from scratch, new random weights of its architecture.
 3. The script's data (DreamBooth renders missing class images here, with the untouched base), then its
    aspect-ratio buckets (training/data.py) when its images are not square.
-4. Frozen weights cast to the mixed precision; LoRA layers added and kept in float32; latents cached if asked.
-5. Dataloader, AdamW, learning-rate schedule, all prepared by accelerate; checkpoint hooks save only LoRA weights.
+4. Frozen weights cast to the mixed precision; trained weights (LoRA layers, or whole models) made trainable and
+   kept in float32; latents cached if asked.
+5. Dataloader, AdamW, learning-rate schedule, all prepared by accelerate; checkpoint hooks save only the trained
+   weights.
 6. Resume: accelerate restores optimizer, schedule and RNG states, the noise generator is reloaded and the batches
    already seen in the current epoch are skipped, so the run continues as if it had never stopped.
 7. Steps: noise, timesteps, the family's text conditioning (training/conditioning.py: SDXL adds its second text
-   encoder and size conditioning), MSE on the noise (or v) target, min-SNR weights, prior-preservation loss.
-8. The weights file with its metadata, final validation images and the registry entry.
+   encoder and size conditioning), MSE on the noise (or v, or clean latent) target, min-SNR weights,
+   prior-preservation loss; with a trained VAE decoder, its reconstruction error too.
+8. The weights file with its metadata (a full run: the model folder, packed file and manifest), final validation
+   images and the registry entry.
 
 Along the way the run folder gets `loss.png` and `validation_grid.png` (training/plots.py), and with
 `--report_to` accelerate's trackers (TensorBoard, ...) get the loss, learning rate and validation images.
@@ -52,10 +60,10 @@ from models.errors import InvalidRequest, SdserveError
 from models.registry import Registry
 from models.settings import Settings, get_settings
 from training import adapters
-from training.base_model import BaseChoice, load_base, make_renderer, resolve_base, weights_sha256
+from training.base_model import BaseChoice, load_base, make_renderer, resolve_base, scratch_base, weights_sha256
 from training.checkpoints import STATE_FILE, latest_checkpoint, list_checkpoints
 from training.conditioning import TextConditioning
-from training.config import TrainingOptions
+from training.config import RunOptions, TextToImageOptions, TrainingOptions
 from training.data import (
     BucketBatchSampler,
     Collate,
@@ -66,10 +74,11 @@ from training.data import (
     nearest_bucket,
 )
 from training.dataset_files import Example, dataset_sha256
+from training.full_model import FullWeights
 from training.lifeline import ServerLifeline
 from training.plots import LOSS_PLOT, VALIDATION_GRID, save_loss_plot, save_validation_grid
 from training.progress import PROGRESS_FILE, ProgressReporter, read_progress
-from training.registration import check_registration, register_weights
+from training.registration import check_registration
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +100,7 @@ class TrainingData:
 class RunContext:
     """What `build_data` may use: the options, the loaded base and a way to render images with it."""
 
-    options: TrainingOptions
+    options: RunOptions
     accelerator: Accelerator
     output_dir: Path
     run_id: str
@@ -125,7 +134,7 @@ class TrainingStopped(Exception):
 
 
 def train(
-    options: TrainingOptions, build_data: DataBuilder, settings: Settings | None = None,
+    options: RunOptions, build_data: DataBuilder, settings: Settings | None = None,
     should_stop: StopCheck | None = None,
 ) -> TrainingResult:
     settings = settings or get_settings()
@@ -152,7 +161,7 @@ def train(
 
 class _Run:
     def __init__(
-        self, options: TrainingOptions, build_data: DataBuilder, settings: Settings, accelerator: Accelerator,
+        self, options: RunOptions, build_data: DataBuilder, settings: Settings, accelerator: Accelerator,
         should_stop: StopCheck,
     ):
         self.options = options
@@ -170,7 +179,7 @@ class _Run:
                              self.resolution, self.base, make_renderer(self.pipeline, self.model), self.progress.event)
         self.data = self.build_data(context)  # 3. with the untouched base (DreamBooth renders class images)
         self.bucket_sampler = self._plan_buckets()
-        self._add_lora_layers()
+        self._make_trainable()
         self._prepare_training()
         self._register_checkpoint_hooks()
         self._resume(checkpoint)
@@ -203,12 +212,18 @@ class _Run:
         return checkpoint
 
     def _load_base(self, checkpoint: Path | None) -> None:
-        """2. The base by registry name or path, frozen, with the noise schedule it was trained with."""
+        """2. The base by registry name or path (or new weights), frozen, with the noise schedule it trains with."""
         options = self.options
         registry = Registry(self.settings.registry_path)
-        self.base = resolve_base(options.base, registry)
+        from_scratch = options.from_scratch if isinstance(options, TextToImageOptions) else None
+        if from_scratch:
+            self.base, self.pipeline, self.model = scratch_base(from_scratch, self.seed, self.accelerator.device,
+                                                               self.settings, registry)
+        else:
+            self.base = resolve_base(options.base, registry)
         check_registration(options, self.base, registry)
-        self.pipeline, self.model = load_base(self.base, self.settings, self.accelerator.device)
+        if not from_scratch:
+            self.pipeline, self.model = load_base(self.base, self.settings, self.accelerator.device)
         self.conditioning = TextConditioning(self.pipeline, self.model.family)
         self.unet, self.vae = self.pipeline.unet, self.pipeline.vae
         self.text_encoders = self.conditioning.encoders
@@ -219,13 +234,15 @@ class _Run:
         if options.prediction_type:
             # Validation images must sample with the target the LoRA learns.
             self.model.scheduler_config = {**self.model.scheduler_config, "prediction_type": options.prediction_type}
+            # And a fully trained model is saved with the target it learnt.
+            self.pipeline.scheduler = type(self.pipeline.scheduler).from_config(self.model.scheduler_config)
         self.noise_scheduler = DDPMScheduler.from_config(self.model.scheduler_config)
         self.progress.event("start", run_id=self.run_id, kind=options.kind, base=self.base.label, seed=self.seed,
                             output_dir=str(self.output_dir), processes=self.accelerator.num_processes,
                             resume_from=str(checkpoint) if checkpoint else None)
 
-    def _add_lora_layers(self) -> None:
-        """4. Frozen weights in the mixed precision, LoRA layers in float32, latents cached if asked."""
+    def _make_trainable(self) -> None:
+        """4. Frozen weights in the mixed precision, trained weights in float32, latents cached if asked."""
         options = self.options
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision,
                                                                                  torch.float32)
@@ -235,10 +252,18 @@ class _Run:
             for module in (self.unet, *self.text_encoders.values()):
                 module.to(dtype=self.weight_dtype)
             self.vae.to(dtype=self.vae_dtype)
-        self.trained_text_encoders = dict(self.text_encoders) if options.train_text_encoder else {}
-        adapters.add_lora_layers(self.unet, self.trained_text_encoders, options)
+        if isinstance(options, TextToImageOptions):
+            self.weights: FullWeights | adapters.LoraWeights = FullWeights(options, self.pipeline)
+        else:
+            assert isinstance(options, TrainingOptions)
+            self.weights = adapters.LoraWeights(options, self.unet, self.text_encoders,
+                                                two_text_encoders=self.conditioning.two_encoders)
+        self.weights.attach()
+        self.trained_text_encoders = {name: encoder for name, encoder in self.text_encoders.items()
+                                      if name in self.weights.trained}
+        self.trained_vae = self.weights.trained.get("vae")
         if self.weight_dtype != torch.float32:
-            adapters.keep_trainable_in_float32(self.unet, *self.trained_text_encoders.values())
+            adapters.keep_trainable_in_float32(*self.weights.trained.values())
         if options.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             for encoder in self.trained_text_encoders.values():
@@ -281,16 +306,15 @@ class _Run:
         return path
 
     def _register_checkpoint_hooks(self) -> None:
-        """Checkpoints hold the LoRA weights only (megabytes), never a copy of the frozen base (gigabytes)."""
+        """Checkpoints hold the trained weights only (LoRA: megabytes), never a copy of the frozen base (gigabytes)."""
 
         def save_hook(models: list[torch.nn.Module], weights: list[Any], folder: str) -> None:
             if self.main:
-                adapters.save_lora_weights(Path(folder), self.unet, self.trained_text_encoders,
-                                           two_text_encoders=self.conditioning.two_encoders)
+                self.weights.save_checkpoint(Path(folder))
             weights.clear()
 
         def load_hook(models: list[torch.nn.Module], folder: str) -> None:
-            adapters.load_lora_weights_into(Path(folder), self.unet, self.trained_text_encoders)
+            self.weights.load_checkpoint(Path(folder))
             models.clear()
 
         self.accelerator.register_save_state_pre_hook(save_hook)
@@ -404,6 +428,9 @@ class _Run:
         if self.trained_text_encoders:
             groups.append({"params": adapters.trainable_parameters(*self.trained_text_encoders.values()),
                            "lr": (options.text_encoder_learning_rate or options.learning_rate) * scale})
+        if self.trained_vae is not None:
+            groups.append({"params": adapters.trainable_parameters(self.trained_vae),
+                           "lr": options.learning_rate * scale})
         optimizer = _adamw(options.use_8bit_adam)(groups, betas=(options.adam_beta1, options.adam_beta2),
                                                   weight_decay=options.adam_weight_decay, eps=options.adam_epsilon)
         # accelerate steps a prepared schedule once per process per optimizer step.
@@ -413,12 +440,14 @@ class _Run:
             num_training_steps=self.max_steps * accelerator.num_processes,
             num_cycles=options.lr_num_cycles, power=options.lr_power,
         )
-        trained = [self.unet, *self.trained_text_encoders.values()]
+        trained = [self.unet, *self.trained_text_encoders.values(),
+                   *([self.trained_vae] if self.trained_vae is not None else [])]
         prepared = accelerator.prepare(*trained, optimizer, schedule)
         # The wrapped models (DDP) run the training forward; the plain ones are saved and used by the pipeline.
         self.unet_forward = prepared[0]
-        wrapped = dict(zip(self.trained_text_encoders, prepared[1:-2], strict=True))
+        wrapped = dict(zip(self.trained_text_encoders, prepared[1:1 + len(self.trained_text_encoders)], strict=True))
         self.text_encoder_forwards = {name: wrapped.get(name, encoder) for name, encoder in self.text_encoders.items()}
+        self.vae_forward = prepared[len(trained) - 1] if self.trained_vae is not None else None
         self.optimizer, self.lr_schedule = prepared[-2], prepared[-1]
         self.trained_models = prepared[:-2]
 
@@ -427,7 +456,7 @@ class _Run:
         options, accelerator = self.options, self.accelerator
         ga = options.gradient_accumulation_steps
         self.progress.start_bar(self.max_steps, self.global_step)
-        parameters = adapters.trainable_parameters(self.unet, *self.trained_text_encoders.values())
+        parameters = adapters.trainable_parameters(self.unet, *self.trained_text_encoders.values(), self.trained_vae)
         first_epoch = self.global_step // self.updates_per_epoch
         logger.info("training %d steps (%d epochs of %d steps), %d examples, batch %d x %d accumulation x %d "
                     "processes", self.max_steps, self.num_epochs, self.updates_per_epoch, len(self.data.dataset),
@@ -525,8 +554,11 @@ class _Run:
         with torch.set_grad_enabled(bool(self.trained_text_encoders)):
             hidden_states, added_conditions = self.conditioning.unet_inputs(self.text_encoder_forwards, batch, device,
                                                                             self.weight_dtype)
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
+        prediction_type = self.noise_scheduler.config.prediction_type
+        if prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        elif prediction_type == "sample":
+            target = latents
         else:
             target = noise
         prediction = self.unet_forward(noisy_latents, timesteps, hidden_states, added_cond_kwargs=added_conditions,
@@ -538,14 +570,26 @@ class _Run:
         loss = per_example[~prior].mean()
         if prior.any():
             loss = loss + self.data.prior_loss_weight * per_example[prior].mean()
+        if self.vae_forward is not None and "pixel_values" in batch:
+            loss = loss + self._decoder_loss(batch["pixel_values"])
         return loss
 
+    def _decoder_loss(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE's reconstruction error on the first few images: encode (frozen) and decode (trained)."""
+        pixels = pixels[: self.options.vae_decoder_images].to(self.accelerator.device, dtype=self.weight_dtype)
+        redrawn = self.vae_forward(pixels, sample_posterior=False, return_dict=False)[0]
+        return F.mse_loss(redrawn.float(), pixels.float())
+
     def _min_snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """Min-SNR-gamma (Hang et al. 2023): min(SNR, gamma) / SNR for noise targets, / (SNR + 1) for v."""
+        """Min-SNR-gamma (Hang et al. 2023): min(SNR, gamma) / SNR for noise targets, / (SNR + 1) for v, as is
+        for clean-latent targets."""
         snr = compute_snr(self.noise_scheduler, timesteps)
         clipped = torch.clamp(snr, max=self.options.snr_gamma)
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
+        prediction_type = self.noise_scheduler.config.prediction_type
+        if prediction_type == "v_prediction":
             return clipped / (snr + 1)
+        if prediction_type == "sample":
+            return clipped
         return clipped / snr
 
     # -- what the run folder and trackers show -----------------------------------------------------------------------
@@ -620,11 +664,10 @@ class _Run:
     def _finish(self) -> TrainingResult:
         accelerator, options = self.accelerator, self.options
         accelerator.wait_for_everyone()
-        weights = self.output_dir / adapters.WEIGHTS_NAME
+        weights = self.output_dir / self.weights.result_name
         registered = None
         if self.main:
-            adapters.save_lora_weights(self.output_dir, self.unet, self.trained_text_encoders, self._metadata(),
-                                       two_text_encoders=self.conditioning.two_encoders)
+            self.weights.save_result(self.output_dir, self._metadata())
             self._validate()  # steps skip validation at the last step: this is it, with the saved weights
             lifeline = ServerLifeline.from_environment()
             orphaned = lifeline is not None and not lifeline.alive(now=True)
@@ -633,8 +676,8 @@ class _Run:
                 logger.warning("the server that started this run is gone: %s is saved but not registered as %r",
                                weights, options.register_as)
             elif options.register_as:
-                register_weights(options, self.base, Registry(self.settings.registry_path), weights, self.run_id,
-                                 self.data.trigger_words)
+                self.weights.register(Registry(self.settings.registry_path), self.base, weights, self.run_id,
+                                      self.data.trigger_words)
                 registered = options.register_as
             self.progress.event("done", step=self.global_step, output=str(weights), registered=registered,
                                 run_id=self.run_id, **({"server_gone": True} if orphaned else {}))
@@ -652,7 +695,7 @@ class _Run:
             "base_source": self.base.entry.source,
             "base_sha256": self.base_sha256,
             "base_family": self.model.family.name,
-            **adapters.describe_options(options),
+            **self.weights.describe(),
             "steps": str(self.global_step),
             "resolution": str(self.resolution),
             "learning_rate": str(options.learning_rate),
@@ -707,7 +750,7 @@ class StopOnSignal:
         return self.signal is not None or self.server_gone
 
 
-def run(options: TrainingOptions, build_data: DataBuilder) -> int:
+def run(options: RunOptions, build_data: DataBuilder) -> int:
     """A script's body: train, and turn known failures into a message and an exit status (2: bad input)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "PIL", "urllib3", "accelerate.checkpointing"):

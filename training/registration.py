@@ -1,4 +1,5 @@
-"""Registering a trained LoRA: a `lora` entry written through the registry's own atomic, comment-keeping code.
+"""Registering a trained LoRA: a `lora` entry written through the registry's own atomic, comment-keeping code
+(a fully trained model registers as a `base`: `training.full_model`).
 
 The check runs before training (a taken name or an unregistered base fails in seconds, not after hours); the
 write runs after the weights are saved. A running server re-reads the file when it changes, so the model shows in
@@ -14,16 +15,16 @@ from pathlib import Path
 from models.errors import InvalidRequest, RegistryError
 from models.registry import Registry, RegistryEntry
 from training.base_model import BaseChoice
-from training.config import TrainingOptions
+from training.config import RunOptions, TrainingOptions
 from training.dataset_files import file_sha256
 
 logger = logging.getLogger(__name__)
 
 
-def check_registration(options: TrainingOptions, base: BaseChoice, registry: Registry) -> None:
+def check_registration(options: RunOptions, base: BaseChoice, registry: Registry) -> None:
     if options.register_as is None:
         return
-    if base.name is None:
+    if base.name is None and isinstance(options, TrainingOptions):  # a LoRA names the base it needs
         raise InvalidRequest(
             f"--register needs --base to be a registered model name, not a path ({base.requested}); "
             "register the base first (POST /models or the registry file, SDSERVE_REGISTRY_PATH)"

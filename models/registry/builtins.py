@@ -8,7 +8,8 @@ The tiny models (`demo:tiny` for SD 1.x, `demo:sdxl-tiny`, `demo:sdxl-refiner-ti
 pass-through VAE of components.py, so img2img and inpainting keep their input while the denoiser and text encoders
 are random. They build in about a second and exercise every code path; their images are noise. The real-size
 presets (`demo:sd15`, `demo:sdxl`, `demo:sd3-medium`) have the real architectures with random weights, for
-benchmarks that must reflect real compute.
+benchmarks that must reflect real compute. One builtin is trained: `demo:shapes`, the default model, unpacked
+from its committed weights file (models/shapes.py).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from diffusers import (
 from filelock import FileLock
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from models import shapes
 from models.registry.components import (
     clip_tokenizer,
     pass_through_vae,
@@ -334,7 +336,12 @@ BUILDERS: dict[str, BuiltinPipeline] = {
     "sd3-tiny": BuiltinPipeline(build_sd3_tiny, "sd3"),
     "sd3-medium": BuiltinPipeline(build_sd3_medium_preset, "sd3"),
     "flux-tiny": BuiltinPipeline(build_flux_tiny, "flux", native_size=256),
+    # Trained, from its committed weights file (models/shapes.py).
+    "shapes": BuiltinPipeline(shapes.build_shapes_pipeline, "sd", native_size=shapes.NATIVE_SIZE),
 }
+# Builtins whose content can change without a BUILD_VERSION bump (a retrained weights file) add a tag to their
+# cache folder's name, so a new file never meets an old build.
+CACHE_TAGS: dict[str, Callable[[], str]] = {"shapes": shapes.cache_tag}
 # Builtin ControlNets: single models (config.json + weights), loaded with ControlNetModel.from_pretrained.
 CONTROLNET_BUILDERS: dict[str, Callable[[], ControlNetModel]] = {
     "controlnet-tiny": build_demo_controlnet,
@@ -360,7 +367,8 @@ def ensure_builtin(name: str, cache_dir: Path) -> Path:
         builder, marker = CONTROLNET_BUILDERS[name], "config.json"
     else:
         raise KeyError(name)
-    target = cache_dir / "builtin" / f"{name}-v{BUILD_VERSION}"
+    tag = CACHE_TAGS[name]() if name in CACHE_TAGS else ""
+    target = cache_dir / "builtin" / f"{name}-v{BUILD_VERSION}{tag}"
     if (target / marker).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

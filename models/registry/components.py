@@ -36,7 +36,7 @@ T5_MAX_LENGTH = 512
 
 
 # -- tokenizers -------------------------------------------------------------------------------------------------------
-def _byte_level_vocab() -> dict[str, int]:
+def byte_level_vocab() -> dict[str, int]:
     """CLIP's byte-to-unicode table: every byte gets a printable character, so any text tokenizes."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
@@ -54,7 +54,7 @@ def _byte_level_vocab() -> dict[str, int]:
 
 def write_clip_tokenizer(folder: Path) -> CLIPTokenizer:
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = _byte_level_vocab()
+    vocab = byte_level_vocab()
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     # No merges: every word splits into byte-level characters, which is all a random text encoder needs.
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
@@ -167,16 +167,19 @@ def _read_channels(conv: torch.nn.Conv2d, outputs: int, tap: int, extra_bias: fl
         conv.bias[outputs:] = extra_bias
 
 
-def pass_through_vae(latent_channels: int = 4, quant_convs: bool = True) -> AutoencoderKL:
+def pass_through_vae(latent_channels: int = 4, quant_convs: bool = True, blocks: int = 4, average: bool = False,
+                     mid_attention: bool = True) -> AutoencoderKL:
     """The hand-set autoencoder (see the module docstring). SD 3.x and FLUX VAEs have 16 latent channels and no
-    quant convolutions; their pipelines read shift_factor, so it is set (to 0: the latents need no shift)."""
+    quant convolutions; their pipelines read shift_factor, so it is set (to 0: the latents need no shift).
+    It downsamples 2**(blocks - 1) times: each latent pixel is the top-left pixel of its block, or with `average`
+    the mean of the block (a smooth thumbnail rather than an aliased one: the shapes model's latents)."""
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         latent_channels=latent_channels,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(_VAE_CHANNELS,) * 4,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=(_VAE_CHANNELS,) * blocks,
         layers_per_block=1,
         norm_num_groups=_VAE_GROUPS,
         sample_size=256,
@@ -185,17 +188,21 @@ def pass_through_vae(latent_channels: int = 4, quant_convs: bool = True) -> Auto
         force_upcast=False,
         use_quant_conv=quant_convs,
         use_post_quant_conv=quant_convs,
+        mid_block_add_attention=mid_attention,
     )
     encoder, decoder = vae.encoder, vae.decoder
     _silence_residual_branches(vae)
     _carry_channels(encoder.conv_in, sources=3, tap=1)
     for block in encoder.down_blocks:
         for down in block.downsamplers or []:
-            # Downsample2D pads right/bottom then convolves with stride 2: the top-left tap reads pixel 2i.
+            # Downsample2D pads right/bottom then convolves with stride 2: the top-left tap reads pixel 2i, and
+            # the four top-left taps read the 2x2 block starting there.
             pairs = [(c, c) for c in range(_VAE_CHANNELS)]
             _copy_center(down.conv, pairs, 0, 0)
             with torch.no_grad():
                 down.conv.bias.zero_()
+                if average:
+                    down.conv.weight[:, :, :2, :2] = down.conv.weight[:, :, :1, :1] / 4
     _pass_through_norm(encoder.conv_norm_out)
     # conv_out gives the mean (latent_channels), then the log-variance: a very negative log-variance makes
     # sampling exact.
