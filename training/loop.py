@@ -377,8 +377,8 @@ class _Run:
         """Each image's bucket; on when asked, or by default when some image's bucket is not the square."""
         options, dataset = self.options, self.data.dataset
         bucketed = dataset.instances if isinstance(dataset, PairedDataset) else dataset
-        if options.aspect_ratio_buckets is False:
-            return None
+        if options.aspect_ratio_buckets is False or not isinstance(bucketed, ImageCaptionDataset):
+            return None  # off, or pictures drawn square on the fly (--shapes-dataset)
         table = bucket_table(self.resolution, self._bucket_step(), options.min_bucket_side, options.max_bucket_side)
         if not table:
             logger.warning("no bucket fits resolution %d with these bucket sides: training square crops",
