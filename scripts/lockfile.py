@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import sys
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
@@ -42,7 +43,11 @@ def torch_pin() -> str:
 
 
 def installed_versions() -> dict[str, str]:
-    return {canonicalize_name(dist.metadata["Name"]): dist.version for dist in metadata.distributions()}
+    """Distributions installed in this environment's site-packages. Not all of sys.path: importing Ray puts its
+    vendored copies (ray/thirdparty_files: colorama, psutil) on it, and they are part of the ray wheel."""
+    site_packages = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    return {canonicalize_name(dist.metadata["Name"]): dist.version
+            for dist in metadata.distributions(path=site_packages)}
 
 
 def strays(lock: Path) -> list[str]:

@@ -67,6 +67,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iter
         "SDSERVE_OUTPUT_DIR": str(folder / "outputs"),
         "SDSERVE_DATA_DIR": str(folder / "data"),
         "SDSERVE_DEVICE": "cpu",
+        "SDSERVE_DEFAULT_MODEL": "demo",  # the tests route, cancel and kill on the tiny demo
         "SDSERVE_PREVIEW_EVERY": "0",
         "PYTHONPATH": str(ROOT),
         "OMP_NUM_THREADS": "1",
