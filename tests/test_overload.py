@@ -8,6 +8,7 @@ the loops are bounded in count and time.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from collections import Counter
@@ -19,6 +20,8 @@ import pytest
 
 from tests.conftest import ServerProcess, server_env
 from tests.utils import wait_for
+
+logger = logging.getLogger(__name__)
 
 CLIENTS, REQUESTS_EACH, QUEUE = 64, 4, 8
 BODY_LIMIT = 1 * 2**20
@@ -87,7 +90,7 @@ def test_a_burst_gets_only_answers_or_429s_and_every_accepted_job_finishes(burst
     health = httpx.get(f"{url}/health", timeout=10).json()
     assert health["status"] == "ok" and health["queue_depth"] == 0
     grown = (rss(burst_server) - before) / 2**20
-    print(f"burst: {len(answers)} requests in {seconds:.1f}s, {dict(statuses)}, RSS grew {grown:.0f} MiB")
+    logger.info("burst: %d requests in %.1fs, %s, RSS grew %.0f MiB", len(answers), seconds, dict(statuses), grown)
     assert grown < 300, f"RSS grew {grown:.0f} MiB"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Iterator
 
@@ -39,6 +40,8 @@ from training.shapes_data import (
     write_folder,
 )
 from training.shapes_model import build_tokenizer
+
+logger = logging.getLogger(__name__)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -173,7 +176,7 @@ def test_text2img_draws_the_colours_and_the_shape_the_prompt_names(shapes_client
         hits["colour"].append(verdict.colour == spec.colour)
         hits["shape"].append(verdict.shape == spec.shape)
     shares = {name: share(values) for name, values in hits.items()}
-    print("measured", shares)
+    logger.info("measured %s", shares)
     assert all(shares[name] >= PASS_SHARE[name] for name in shares), shares
 
 
@@ -193,7 +196,7 @@ def test_img2img_recolours_a_picture_and_keeps_its_layout(shapes_client):
         assert response.status_code == 200, response.text
         verdict = judge(from_b64(response.json()["images"][0]))
         kept.append((verdict.background, verdict.colour, verdict.position) == ("blue", "yellow", "center"))
-    print("measured img2img", share(kept))
+    logger.info("measured img2img %.2f", share(kept))
     assert share(kept) >= 0.75, kept
 
 
@@ -214,7 +217,7 @@ def test_inpainting_repaints_the_masked_shape_as_asked_and_keeps_the_rest(shapes
         assert np.array_equal(pixels(image)[outside], pixels(original)[outside])
         verdict = judge(image)
         repainted.append(verdict.background == "blue" and verdict.colour == "yellow")
-    print("measured inpainting", share(repainted))
+    logger.info("measured inpainting %.2f", share(repainted))
     assert share(repainted) >= 0.75, repainted
 
 
@@ -245,5 +248,5 @@ def test_a_lora_teaches_the_shapes_model_a_colour_it_never_saw(shapes_client, sh
         without = draw(shapes_client, prompt, HELD_OUT_SEED + index)
         taught.append(judge(with_lora, palette).colour == "pink")
         untaught.append(judge(without, palette).colour == "pink")
-    print("measured lora", share(taught), share(untaught))
+    logger.info("measured lora %.2f with, %.2f without", share(taught), share(untaught))
     assert share(taught) >= PASS_SHARE["lora"] and share(untaught) <= 0.25, (taught, untaught)
