@@ -11,16 +11,17 @@ the script cannot run here (it imports torchvision and datasets), the row is rep
 from __future__ import annotations
 
 import json
-import os
 import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 from PIL import Image, ImageDraw
 
 from models.bench.processes import ROOT, _child_env
@@ -131,17 +132,51 @@ def _run(ctx: Context, model: str, variant: str, flags: list[str], dataset: Path
 
 
 def _measure(command: list[str], env: dict[str, str], log: Path) -> tuple[int, float, float, list[str]]:
-    """Run one training process: its exit status, wall seconds, peak resident MB and stdout lines (stderr to
-    `log`)."""
+    """Run one training process: its exit status, wall seconds, peak resident MB (sampled) and stdout lines
+    (stderr to `log`)."""
     started = time.perf_counter()
     with log.open("wb") as stderr:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr)
         assert process.stdout is not None
+        peak = _PeakRss(process.pid)
         lines = process.stdout.read().decode(errors="replace").splitlines()
-        # wait4 rather than wait: it returns this child's own resource usage, peak resident memory included.
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
-    return process.returncode, time.perf_counter() - started, usage.ru_maxrss / 1024, lines
+        process.wait()
+        peak.stop()
+    return process.returncode, time.perf_counter() - started, peak.mb, lines
+
+
+class _PeakRss:
+    """The largest resident memory of a process or any of its children (accelerate launch runs the trainer as
+    one), sampled every 0.1 s. Not wait4's ru_maxrss: a forked child starts with its parent's high-water mark, so
+    every training row after the fast-path row (whose parent holds SD 1.5) reported the parent's 4.4 GB."""
+
+    def __init__(self, pid: int):
+        self.mb = 0.0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, args=(pid,), daemon=True)
+        self._thread.start()
+
+    def _sample(self, pid: int) -> None:
+        try:
+            root = psutil.Process(pid)
+            while True:  # a sample first: a process that ends within 0.1 s still gets one
+                tree = [root, *root.children(recursive=True)]
+                self.mb = max(self.mb, max(_rss(member) for member in tree) / 2**20)  # the trainer, not its launcher
+                if self._done.wait(0.1):
+                    return
+        except psutil.NoSuchProcess:
+            return
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def _rss(process: psutil.Process) -> int:
+    try:
+        return process.memory_info().rss
+    except psutil.NoSuchProcess:
+        return 0
 
 
 def _events(lines: list[str]) -> list[dict[str, Any]]:
