@@ -46,7 +46,7 @@ def test_tiny_run_writes_the_table_and_json_with_every_row(beside_run):
     expected = ["server vs bare pipe()", "seed 000 design vs server", "concurrency 1, micro-batching off",
                 "concurrency 2, micro-batching off", "concurrency 1, micro-batching on",
                 "concurrency 2, micro-batching on", "LoRA switching", "model switching (two cached bases)",
-                "cold start to first image", "fast path (OpenVINO UNet) vs eager"]
+                "cold start to first image", "fast path (OpenVINO UNet + VAE decoder) vs eager"]
     assert sorted(rows) == sorted(expected)
     for row in data["comparisons"]:
         assert row["a"]["n"] >= 1 and row["b"]["n"] >= 1 and row["ratio"] > 0, row

@@ -7,7 +7,7 @@
 
 Rows: server (server vs bare pipe()), per-request (seed 000's pipeline per request vs the server), concurrency
 (1/4/16 clients, with micro-batching when the server has it), lora (switching and resident memory over 300 requests),
-models (switching between two cached bases), cold-start, fast-path (OpenVINO UNet vs eager), torch-options
+models (switching between two cached bases), cold-start, fast-path (OpenVINO UNet + VAE decoder vs eager), torch-options
 (channels_last, one thread, torch.compile vs eager; not in the default set), training (steps/s and peak memory
 with and without latent caching and gradient checkpointing; with --diffusers-script PATH, diffusers' own
 train_text_to_image_lora.py beside them), profile (py-spy samples of the server answering requests; needs py-spy on

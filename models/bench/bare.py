@@ -1,10 +1,13 @@
 """A bare diffusers process for the benchmark: `pipe()` and nothing else, driven by JSON lines on stdin.
 
-    python -m models.bench.bare --folder PATH [--variant eager|openvino|per-request|compile|channels-last|threads1]
+    python -m models.bench.bare --folder PATH [--variant eager|openvino|openvino-unet|per-request|compile|...]
 
 Answers one JSON line per command on stdout: {"op": "generate", "prompt", "size", "steps", "seed", "guidance",
-"image": bool} -> {"seconds", "unet_s", "png"?}; {"op": "rss"} -> {"rss_mb"}; {"op": "quit"}. Logs go to stderr.
-Variant `per-request` is seed 000's design: a pipeline built with from_pretrained for every request.
+"image": bool} -> {"seconds", "unet_s", "vae_s", "png"?} (unet_s, vae_s: time in UNet calls and in VAE decoder
+calls); {"op": "rss"} -> {"rss_mb"}; {"op": "quit"}. Logs go to stderr.
+Variant `openvino` is the server's backend (UNet and VAE decoder on OpenVINO), `openvino-unet` its UNet alone (what
+the backend was before the decoder joined it). Variant `per-request` is seed 000's design: a pipeline built with
+from_pretrained for every request.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 logger = logging.getLogger("models.bench.bare")
-VARIANTS = ("eager", "openvino", "per-request", "compile", "channels-last", "threads1")
+VARIANTS = ("eager", "openvino", "openvino-unet", "per-request", "compile", "channels-last", "threads1")
 
 
 class Bare:
@@ -38,39 +41,45 @@ class Bare:
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         pipe = DiffusionPipeline.from_pretrained(self.folder, torch_dtype=dtype).to(self.device)
         pipe.set_progress_bar_config(disable=True)
-        if self.variant == "openvino":
+        if self.variant in ("openvino", "openvino-unet"):
+            from models.engine import openvino_vae
             from models.engine.backends import apply_backend
 
             apply_backend(pipe, "openvino", self.device, self.cache_dir, self.folder.name)
+            if self.variant == "openvino-unet":
+                openvino_vae.detach(pipe.vae)
         elif self.variant == "channels-last":
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
         elif self.variant == "compile":
             pipe.unet = torch.compile(pipe.unet)
-        self._time_unet(pipe.unet)
+        self._time_calls(pipe.unet, "unet_s")
+        self._time_calls(pipe.vae.decoder, "vae_s")
         return pipe
 
-    def _time_unet(self, unet: torch.nn.Module) -> None:
-        """Add up the time spent in UNet calls, so a row can tell the denoising loop from the rest."""
-        self.unet_s = 0.0
+    def _time_calls(self, module: torch.nn.Module, total: str) -> None:
+        """Add up the time spent in `module`'s calls into the attribute `total`, so a row can tell the denoising
+        loop and the decode from the rest. Hooks run around the routed forward too (nn.Module.__call__)."""
+        setattr(self, total, 0.0)
         started: list[float] = []
-        unet.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()))
+        module.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()))
 
         def done(*_: Any) -> None:
-            self.unet_s += time.perf_counter() - started.pop()
+            setattr(self, total, getattr(self, total) + time.perf_counter() - started.pop())
 
-        unet.register_forward_hook(done)
+        module.register_forward_hook(done)
 
     def generate(self, command: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
         pipe = self.pipe or self._build()
-        self.unet_s = 0.0
+        self.unet_s = self.vae_s = 0.0
         generator = torch.Generator("cpu").manual_seed(int(command["seed"]))
         with torch.inference_mode():
             image = pipe(command["prompt"], num_inference_steps=int(command["steps"]), width=int(command["size"]),
                          height=int(command["size"]), guidance_scale=float(command.get("guidance", 7.0)),
                          generator=generator).images[0]
-        answer: dict[str, Any] = {"seconds": time.perf_counter() - started, "unet_s": self.unet_s}
+        answer: dict[str, Any] = {"seconds": time.perf_counter() - started, "unet_s": self.unet_s,
+                                  "vae_s": self.vae_s}
         if command.get("image"):
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")

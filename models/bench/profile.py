@@ -19,7 +19,7 @@ from models.bench.rows import Context
 # (stage, substrings of a frame "function (file:line)"); a sample belongs to the deepest frame that matches one.
 STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("UNet", ("unets/unet_2d_condition.py", "openvino_unet.py")),
-    ("VAE decode", ("autoencoders/",)),
+    ("VAE decode", ("autoencoders/", "openvino_vae.py")),
     ("text encoder", ("models/clip/modeling_clip.py", "tokenization_clip")),
     ("scheduler step", ("diffusers/schedulers/",)),
     ("image post-processing (tensor to PIL)", ("image_processor.py",)),

@@ -350,7 +350,7 @@ def fast_path(ctx: Context) -> list[Row]:
         if ctx.config.device != "cpu":
             rows.append(Skipped(f"fast path vs eager, {model}", "the OpenVINO backend is for CPUs"))
             continue
-        rows.append(_variant_row(ctx, model, "openvino", "fast path (OpenVINO UNet) vs eager"))
+        rows.append(_variant_row(ctx, model, "openvino", "fast path (OpenVINO UNet + VAE decoder) vs eager"))
     return rows
 
 
@@ -373,13 +373,15 @@ def _variant_row(ctx: Context, model: str, variant: str, title: str) -> Comparis
             difference = np.abs(_pixels(first_fast["png"]) - _pixels(first_eager["png"]))
             a, b = Side(f"{variant} pipe()"), Side("eager diffusers pipe()")
             unet_a, unet_b = Side("UNet calls"), Side("UNet calls")
+            vae_a, vae_b = Side("VAE decode"), Side("VAE decode")
 
-            def run(process: BareProcess, side: Side, unet: Side) -> None:
+            def run(process: BareProcess, side: Side, unet: Side, vae: Side) -> None:
                 answer = process.generate(PROMPT, size, steps, ctx.seed())
                 side.samples.append(answer["seconds"])
                 unet.samples.append(answer["unet_s"])
+                vae.samples.append(answer["vae_s"])
 
-            alternate(repeats, lambda: run(fast, a, unet_a), lambda: run(eager, b, unet_b))
+            alternate(repeats, lambda: run(fast, a, unet_a, vae_a), lambda: run(eager, b, unet_b, vae_b))
             load = f"load {fast.load_s:.1f}s vs {eager.load_s:.1f}s"
         finally:
             fast.stop()
@@ -387,10 +389,12 @@ def _variant_row(ctx: Context, model: str, variant: str, title: str) -> Comparis
         eager.stop()
     return Comparison(title, model, f"{size}x{size}, {steps} steps", "s/image", a, b,
                       notes=f"UNet calls alone {unet_a.median:.3f}s vs {unet_b.median:.3f}s per image "
-                            f"({unet_b.median / unet_a.median:.2f}x); images differ by at most "
+                            f"({unet_b.median / unet_a.median:.2f}x), VAE decode alone {vae_a.median:.3f}s vs "
+                            f"{vae_b.median:.3f}s ({vae_b.median / vae_a.median:.2f}x); images differ by at most "
                             f"{difference.max():.0f}/255 (mean {difference.mean():.3f}); {load} "
                             f"(first call of {variant}: {first_fast['seconds']:.1f}s)",
                       extra={"unet_s": {"a": unet_a.samples, "b": unet_b.samples},
+                             "vae_s": {"a": vae_a.samples, "b": vae_b.samples},
                              "max_pixel_difference": float(difference.max()),
                              "mean_pixel_difference": float(difference.mean()),
                              "load_s": {"a": fast.load_s, "b": eager.load_s}, "first_call_s": first_fast["seconds"]})
