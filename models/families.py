@@ -88,12 +88,15 @@ class Family:
             problems.append(f"controlnet: {shown} does not take ControlNets here (SD 1.x and SDXL bases do)")
         return problems
 
-    def guidance_for(self, request: GenerationRequest) -> float:
+    def guidance_for(self, request: GenerationRequest, model_default: float | None = None) -> float:
         """FLUX's distilled guidance (`guidance`, else cfg_scale, which FLUX has no other use for); other
-        families' classifier-free guidance. The family's default when the request gives none."""
+        families' classifier-free guidance. When the request gives none: the model's own default (its registry
+        entry's `guidance`), else the family's."""
         if self.name == "flux" and request.guidance is not None:
             return request.guidance
-        return request.guidance_scale if request.guidance_scale is not None else self.default_guidance
+        if request.guidance_scale is not None:
+            return request.guidance_scale
+        return model_default if model_default is not None else self.default_guidance
 
 
 _CLIP_PROMPTS = frozenset({"prompt_2", "negative_prompt_2"})

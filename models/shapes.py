@@ -3,7 +3,7 @@
 The default model (`demo:shapes`) is a tiny text-to-image model trained by this project's own training code on
 procedurally drawn pictures of one coloured shape on a coloured background (`training/shapes_data.py` draws them,
 `training/train_text_to_image.py` trains it). Its weights are one small file in the repository,
-`models/weights/shapes-v1.safetensors`, with `shapes-v1.manifest.json` beside it (sha256, the command and seed that
+`models/weights/shapes-v2.safetensors`, with `shapes-v2.manifest.json` beside it (sha256, the command and seed that
 reproduce it). The vocabulary lives here, not in `training/`, because the server, the tests and the README need it
 too and `models/` never imports `training/`.
 
@@ -45,8 +45,8 @@ GRAMMAR_WORDS: tuple[str, ...] = (
 NATIVE_SIZE = 64  # pixels; trained at this size, and the server's default for this model
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-WEIGHTS_FILE = WEIGHTS_DIR / "shapes-v1.safetensors"
-MANIFEST_FILE = WEIGHTS_DIR / "shapes-v1.manifest.json"
+WEIGHTS_FILE = WEIGHTS_DIR / "shapes-v2.safetensors"
+MANIFEST_FILE = WEIGHTS_DIR / "shapes-v2.manifest.json"
 
 
 def vocabulary() -> list[str]:

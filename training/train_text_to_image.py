@@ -1,6 +1,6 @@
 """Full text-to-image training: every weight of the UNet and text encoder learns, from a base or from scratch.
 
-The default `shapes` model is made by this script (the exact command is in models/weights/shapes-v1.manifest.json):
+The default `shapes` model is made by this script (the exact command is in models/weights/shapes-v2.manifest.json):
 
     OMP_NUM_THREADS=1 accelerate launch --cpu --num_processes 1 training/train_text_to_image.py \\
         --from-scratch shapes-tiny --shapes-dataset 200000 --seed 0 --train-vae-decoder ...

@@ -190,7 +190,7 @@ def generate_batch(
     seeds = [[request.seed + index for index in range(request.num_images)] for request in requests]  # type: ignore[operator]
     counts = [request.num_images for request in requests]
     hires = first.hires if len(requests) == 1 else None
-    guidance = family.guidance_for(first)
+    guidance = family.guidance_for(first, model.entry.guidance)
     # 2. A scheduler of its own (never one shared with an earlier run) and exactly the requests' LoRAs.
     pipeline.scheduler = make_scheduler(first.scheduler, model.scheduler_config, family)
     loras = model.loras.activate(first.loras)
@@ -287,7 +287,7 @@ def _result(
         width=size[0],
         height=size[1],
         steps=request.steps,
-        guidance_scale=model.family.guidance_for(request),
+        guidance_scale=model.family.guidance_for(request, model.entry.guidance),
         strength=task_spec(request.task).strength(request),
         scheduler=request.scheduler or model.scheduler_config["_class_name"],
         scheduler_name=request.scheduler,

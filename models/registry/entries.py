@@ -32,6 +32,10 @@ class RegistryEntry(BaseModel):
     created_by: str | None = Field(None, description="Training run id that produced this entry")
     created_at: datetime | None = None
     description: str | None = None
+    guidance: float | None = Field(
+        None, ge=0, le=50, description="Guidance for requests that give none (cfg_scale); default: the family's "
+        "(SD 1.x 7, SDXL 5, FLUX 3.5)",
+    )
     backend: Literal["torch", "openvino"] | None = Field(
         None, description="How this base runs (torch or openvino); default: the server's SDSERVE_BACKEND"
     )

@@ -2,8 +2,9 @@
 
 No model is involved: the background is the median colour of the picture's border, the shape is every pixel far
 from it, its colour is their median, and its kind is the template (drawn by the data generator itself, fitted to
-the shape's bounding box) that overlaps it best. On the generator's own pictures it is right every time
-(tests/test_shapes_model.py checks that first), so a failure on a generated picture is the model's.
+the shape's bounding box, taken once specks are filtered out) that overlaps it best. On the generator's own
+pictures it is right every time (tests/test_shapes_model.py checks that first), so a failure on a generated
+picture is the model's. Used by the tests and by `python -m training.shapes_eval`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from models.shapes import COLOURS, SHAPES
 from training.shapes_data import CENTRES, draw_shape
@@ -19,6 +20,7 @@ from training.shapes_data import CENTRES, draw_shape
 BORDER = 2  # pixels of the edge that make the background
 SHAPE_DISTANCE = 40.0  # RGB distance from the background above which a pixel belongs to the shape (orange and
 # yellow, the closest pair of colours, are 82 apart)
+SPECK_FILTER = 3  # median filter size (pixels) that clears specks before the bounding box is taken
 MIN_SHAPE_SHARE = 0.01  # under this share of the picture, there is no shape
 _TEMPLATE_SIZE = 256
 
@@ -50,13 +52,22 @@ def judge(image: Image.Image, colours: dict[str, tuple[int, int, int]] | None = 
     if share < MIN_SHAPE_SHARE:
         return Verdict(background, None, None, None, share, 0.0)
     colour = nearest_colour(np.median(pixels[mask], axis=0), colours)
-    rows, cols = np.nonzero(mask)
+    rows, cols = np.nonzero(_without_specks(mask))
+    if rows.size == 0:  # nothing but specks: no shape to fit
+        return Verdict(background, colour, None, None, share, 0.0)
     box = (int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1)
     overlaps = {shape: _iou(mask, _template(shape, box, (width, height))) for shape in SHAPES}
     shape = max(overlaps, key=lambda name: overlaps[name])
     centre = ((box[0] + box[2]) / 2 / width, (box[1] + box[3]) / 2 / height)
     position = min(CENTRES, key=lambda name: (CENTRES[name][0] - centre[0]) ** 2 + (CENTRES[name][1] - centre[1]) ** 2)
     return Verdict(background, colour, shape, position, share, overlaps[shape])
+
+
+def _without_specks(mask: np.ndarray) -> np.ndarray:
+    """The mask less isolated pixels and thin lines (a decoder's stray corner pixel, a faint edge), which would
+    otherwise stretch the shape's bounding box to the whole picture; the shape itself keeps its extent."""
+    image = Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MedianFilter(SPECK_FILTER))
+    return np.asarray(image) > 127
 
 
 def _template(shape: str, box: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
