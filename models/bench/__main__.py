@@ -1,6 +1,6 @@
 """Every comparison of issue 15 in one run; writes bench.md (a Markdown table) and bench.json into --out.
 
-    python -m models.bench                                    # the full run (about 15 minutes on 2 CPU cores)
+    python -m models.bench                                    # the full run (about 13 minutes on 2 CPU cores)
     python -m models.bench --rows server fast-path --repeats 3
     python -m models.bench --tiny --out /tmp/bench             # seconds: what CI runs to keep the command working
     python -m models.bench --device cuda --sd15-steps 20 --sd15-repeats 5
@@ -86,6 +86,7 @@ def config_from(arguments: argparse.Namespace, work: Path) -> rows.Config:
                          device=arguments.device)
     if arguments.tiny:
         config.repeats, config.demo_size, config.demo_steps = 2, 64, 2
+        config.concurrency_steps = 2
         config.fast_models, config.clients, config.concurrency_rounds = ["demo"], [1, 2], 1
         config.lora_requests, config.switch_requests, config.cold_starts, config.block = 4, 4, 1, 2
         config.small_steps = 2
