@@ -39,21 +39,27 @@ class Tally:
         return self.hits[name] / self.counts[name]
 
 
-def plain_prompts(count: int) -> Iterator[tuple[int, str, dict[str, str]]]:
-    """(seed, prompt, what it asks) for `a COLOUR SHAPE on a COLOUR background`."""
+# What a prompt asks, by column: (the verdict's field, the value asked).
+Asked = dict[str, tuple[str, str]]
+
+
+def plain_prompts(count: int) -> Iterator[tuple[int, str, Asked]]:
+    """(seed, prompt, what it asks) for `a COLOUR SHAPE on a COLOUR background` (a large, centred shape)."""
     for index in range(count):
         spec = sample_spec(HELD_OUT_SEED, index)
-        asked = {"background": spec.background, "colour": spec.colour, "shape": spec.shape}
+        asked = {"background": ("background", spec.background), "colour": ("colour", spec.colour),
+                 "shape": ("shape", spec.shape)}
         yield HELD_OUT_SEED + index, shapes.caption(spec.shape, spec.colour, spec.background), asked
 
 
-def placed_prompts(count: int) -> Iterator[tuple[int, str, dict[str, str]]]:
+def placed_prompts(count: int) -> Iterator[tuple[int, str, Asked]]:
     """(seed, prompt, what it asks) for small shapes in each of the five places in turn."""
     for index in range(count):
         spec = sample_spec(HELD_OUT_SEED + 1, index)
         position = POSITIONS[index % len(POSITIONS)]
         prompt = shapes.caption(spec.shape, spec.colour, spec.background, "small", position)
-        yield HELD_OUT_SEED + 10_000 + index, prompt, {"position": position}
+        yield HELD_OUT_SEED + 10_000 + index, prompt, {"position": ("position", position),
+                                                        "small shape": ("shape", spec.shape)}
 
 
 def evaluate(pipeline: StableDiffusionPipeline, plain: int, placed: int, steps: int, guidance: float) -> Tally:
@@ -62,10 +68,11 @@ def evaluate(pipeline: StableDiffusionPipeline, plain: int, placed: int, steps: 
         image = pipeline(prompt, num_inference_steps=steps, guidance_scale=guidance,
                          generator=torch.Generator().manual_seed(seed)).images[0]
         verdict = judge(image)
-        for name, value in asked.items():
-            tally.add(name, getattr(verdict, name) == value)
+        right = {name: getattr(verdict, field) == value for name, (field, value) in asked.items()}
+        for name, hit in right.items():
+            tally.add(name, hit)
         if "shape" in asked:
-            tally.add("all three", all(getattr(verdict, name) == value for name, value in asked.items()))
+            tally.add("all three", all(right.values()))
     return tally
 
 
@@ -82,12 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     pipeline.set_progress_bar_config(disable=True)
     out = sys.stdout  # a CLI's table, for the README
     out.write(f"{args.weights.name}: {args.prompts} + {args.placed} held-out prompts, {args.steps} steps\n\n")
-    out.write("| guidance | background | shape colour | shape kind | all three | place of a small shape |\n")
-    out.write("|---|---|---|---|---|---|\n")
+    out.write("| guidance | background | shape colour | shape kind | all three | place of a small shape "
+              "| kind of a small shape |\n")
+    out.write("|---|---|---|---|---|---|---|\n")
     for guidance in args.guidance:
         tally = evaluate(pipeline, args.prompts, args.placed, args.steps, guidance)
         shares = [f"{tally.share(name):.0%}" if name in tally.counts else "-"
-                  for name in ("background", "colour", "shape", "all three", "position")]
+                  for name in ("background", "colour", "shape", "all three", "position", "small shape")]
         out.write(f"| {guidance:g} | " + " | ".join(shares) + " |\n")
         out.flush()
     return 0
