@@ -284,3 +284,14 @@ def test_a_lora_teaches_the_shapes_model_a_colour_it_never_saw(shapes_client, sh
         untaught.append(judge(without, palette).colour == "pink")
     logger.info("measured lora %.2f with, %.2f without", share(taught), share(untaught))
     assert share(taught) >= PASS_SHARE["lora"] and share(untaught) <= 0.25, (taught, untaught)
+
+
+def test_the_measuring_command_prints_the_readmes_table(capsys):
+    from training import shapes_eval
+
+    assert shapes_eval.main(["--prompts", "4", "--placed", "5", "--steps", "4", "--guidance", "3", "7"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| guidance | background |")
+    assert [row.split(" | ")[0] for row in rows[1:]] == ["| 3", "| 7"]
+    shares = [cell.strip(" |%") for cell in rows[1].split(" | ")[1:]]
+    assert len(shares) == 6 and all(0 <= int(share) <= 100 for share in shares), rows
